@@ -1,0 +1,77 @@
+#include "select/select_args.h"
+
+#include <string>
+
+#include "common/checks.h"
+#include "common/views.h"
+
+namespace koopfast {
+namespace {
+
+ScoreKind parse_score(const char* op, std::string_view s) {
+  if (s == "value") return ScoreKind::Value;
+  if (s == "abs") return ScoreKind::Abs;
+  if (s == "product") return ScoreKind::Product;
+  if (s == "abs_product") return ScoreKind::AbsProduct;
+  if (s == "square_times_abs") return ScoreKind::SquareTimesAbs;
+  KF_CHECK_VALUE(false, op,
+                 "expected score to be one of 'value', 'abs', 'product', 'abs_product', 'square_times_abs', got '",
+                 std::string(s), "'");
+  return ScoreKind::Value;
+}
+
+bool is_float(c10::ScalarType t) {
+  return t == c10::kHalf || t == c10::kBFloat16 || t == c10::kFloat || t == c10::kDouble;
+}
+
+}  // namespace
+
+SelectInputs prepare_select_inputs(const char* op, at::TensorList a, at::TensorList b, std::string_view score) {
+  SelectInputs in;
+  in.kind = parse_score(op, score);
+  KF_CHECK_VALUE(!a.empty(), op, "expected a to be a non-empty list of tensors, got an empty list");
+  const bool binary = score_is_binary(in.kind);
+  if (binary) {
+    KF_CHECK_VALUE(b.size() == a.size(), op, "expected b to hold one tensor per tensor of a (", a.size(),
+                   ") for score '", std::string(score), "', got ", b.size());
+  } else {
+    KF_CHECK_VALUE(b.empty(), op, "expected b to be empty for the unary score '", std::string(score), "', got ",
+                   b.size(), " tensors");
+  }
+  const c10::Device device = a[0].device();
+  for (size_t i = 0; i < a.size(); ++i) {
+    KF_CHECK_TYPE(is_float(a[i].scalar_type()), op, "expected a[", i,
+                  "] to be float16, bfloat16, float32 or float64, got ", a[i].scalar_type());
+    KF_CHECK_VALUE(a[i].device() == device, op, "expected all tensors on one device, got a[0] on ", device, " and a[",
+                   i, "] on ", a[i].device());
+    in.wide = in.wide || a[i].scalar_type() == c10::kDouble;
+    in.total += a[i].numel();
+    in.a.push_back(make_view(a[i], op, "a", in.keep_alive));
+    if (binary) {
+      KF_CHECK_VALUE(b[i].device() == device, op, "expected all tensors on one device, got a[0] on ", device,
+                     " and b[", i, "] on ", b[i].device());
+      KF_CHECK_VALUE(b[i].sizes() == a[i].sizes(), op, "expected b[", i, "] to have the shape of a[", i, "] ",
+                     a[i].sizes(), ", got ", b[i].sizes());
+      KF_CHECK_TYPE(b[i].scalar_type() == a[i].scalar_type(), op, "expected b[", i, "] to have the dtype of a[", i,
+                    "] (", a[i].scalar_type(), "), got ", b[i].scalar_type());
+      in.b.push_back(make_view(b[i], op, "b", in.keep_alive));
+    }
+  }
+  return in;
+}
+
+void check_threshold_args(const char* op, const SelectInputs& in, const at::Tensor& a0, const at::Tensor& threshold,
+                          const at::Tensor& stats) {
+  const auto want = in.wide ? c10::kDouble : c10::kFloat;
+  KF_CHECK_VALUE(threshold.dim() == 0, op, "expected threshold to be a 0-dim tensor, got shape ", threshold.sizes());
+  KF_CHECK_TYPE(threshold.scalar_type() == want, op, "expected threshold to be ", want,
+                " (the compute dtype of these inputs), got ", threshold.scalar_type());
+  KF_CHECK_VALUE(stats.dim() == 1 && stats.size(0) == kNumSelectStats, op, "expected stats to have shape [",
+                 int{kNumSelectStats}, "], got ", stats.sizes());
+  KF_CHECK_TYPE(stats.scalar_type() == c10::kLong, op, "expected stats to be int64, got ", stats.scalar_type());
+  KF_CHECK_VALUE(threshold.device() == a0.device() && stats.device() == a0.device(), op,
+                 "expected threshold and stats on ", a0.device(), ", got ", threshold.device(), " and ",
+                 stats.device());
+}
+
+}  // namespace koopfast

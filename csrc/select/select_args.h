@@ -1,0 +1,32 @@
+// Validation and preparation of the select ops' arguments, shared by the CPU and CUDA bindings.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <string_view>
+#include <vector>
+
+#include "common/tensor_view.h"
+#include "select/select.h"
+
+namespace koopfast {
+
+struct SelectInputs {
+  std::vector<TensorView> a;
+  std::vector<TensorView> b;  // empty for unary scores
+  ScoreKind kind = ScoreKind::Value;
+  bool wide = false;          // compute scores in float64 (some input is float64)
+  int64_t total = 0;          // elements over all tensors
+  std::vector<at::Tensor> keep_alive;
+};
+
+// Checks a (non-empty, floating, one device), b (empty for unary scores; else one tensor per a
+// entry with the same shape and dtype) and the score name, and builds the kernel views.
+SelectInputs prepare_select_inputs(const char* op, at::TensorList a, at::TensorList b, std::string_view score);
+
+// Checks the threshold/stats pair produced by select_threshold against the inputs.
+void check_threshold_args(const char* op, const SelectInputs& in, const at::Tensor& a0,
+                          const at::Tensor& threshold, const at::Tensor& stats);
+
+}  // namespace koopfast

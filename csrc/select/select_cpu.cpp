@@ -1,0 +1,312 @@
+// CPU backend of the select ops (at::parallel_for over fixed-size chunks, per-thread histograms).
+//
+// select_threshold is a most-significant-digit radix select on order-preserving keys. A fresh
+// histogram pass touches a histogram bin per element and runs at ~1 element/ns/core, far from the
+// memory bandwidth. So, for large inputs, a small deterministic sample first guesses the bucket
+// (the leading key bits) holding the k-th largest; one speculative pass then counts the keys
+// above that bucket with vectorized compares and histograms only the few keys inside it. If the
+// guess holds (it fails only when the sample lies), the remaining key bits take at most one or
+// two more such filtering passes; if not, the plain radix select runs from scratch. Either way
+// the result is exact. Extra memory: per-thread histograms, the sample, one counter per chunk.
+//
+// topk_mask writes score > threshold (or >=, when every tie is kept) in one pass; if only some
+// ties are kept, it counts ties per chunk, and a prefix over chunks hands each chunk its share of
+// the kept ties, in flat-index order.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/chunks.h"
+#include "common/cpu_loops.h"
+#include "select/select_args.h"
+
+namespace koopfast {
+namespace {
+
+constexpr int kDigitWidth = 16;                        // at most 2^16 bins per pass
+constexpr int kSmallDigitWidth = 8;                    // for inputs too small to amortize 2^16 bins
+constexpr int64_t kSmallInput = int64_t{1} << 18;
+constexpr int64_t kSampleMinInput = int64_t{1} << 20;  // below this, no sampling
+constexpr int64_t kSampleSize = 8192;
+
+std::vector<int64_t> numels_of(const SelectInputs& in) {
+  std::vector<int64_t> n;
+  n.reserve(in.a.size());
+  for (const auto& v : in.a) n.push_back(v.numel);
+  return n;
+}
+
+const TensorView* b_of(const SelectInputs& in, int64_t t) { return in.b.empty() ? nullptr : &in.b[t]; }
+
+template <class C>
+class CpuSelect {
+ public:
+  using K = typename KeyOf<C>::type;
+
+  explicit CpuSelect(const SelectInputs& in) : in_(in), chunks_(make_chunks(numels_of(in))) {}
+
+  // Fills threshold (0-dim C) and stats (int64[kNumSelectStats]).
+  void run(int64_t k, C* threshold, int64_t* stats) {
+    RangeState<K> st;
+    st.k_rem = k;
+    st.n_bucket = in_.total;
+    const int width = in_.total < kSmallInput ? kSmallDigitWidth : kDigitWidth;
+    bool first = true;
+    if (in_.total >= kSampleMinInput) {
+      // Speculate on a sampled range; if it misses, keep the counts and go where the target is.
+      RangeState<K> guess = sample_guess(k);
+      const RangeBins<K> g = range_bins(guess, width);
+      int64_t above = 0, inside = 0;
+      const int64_t nan = scan(guess, g, /*check_nan=*/true, above, inside);
+      if (nan >= 0) return report_nan(nan, threshold, stats);
+      first = false;
+      if (above < k && k <= above + inside) {
+        st = guess;
+        st.k_rem = k - above;
+        st.n_greater = above;
+        st.n_bucket = inside;
+        range_descend(st, hist_.data(), g);
+      } else {
+        st = guess;
+        range_retarget(st, k, above, inside);
+        st.n_bucket = -1;  // unknown until the next pass
+      }
+    }
+    while (!st.done() || st.n_bucket < 0) {
+      const RangeBins<K> g = range_bins(st, width);
+      int64_t above = 0, inside = 0;
+      const int64_t nan = scan(st, g, first, above, inside);
+      if (nan >= 0) return report_nan(nan, threshold, stats);
+      first = false;
+      range_descend(st, hist_.data(), g);
+    }
+    *threshold = from_key<C>(st.lo);
+    stats[kNumGreater] = st.n_greater;
+    stats[kNumEqual] = st.n_bucket;
+    stats[kNumTiesKept] = st.k_rem;
+    stats[kNanTensor] = -1;
+  }
+
+ private:
+  static void report_nan(int64_t tensor, C* threshold, int64_t* stats) {
+    *threshold = std::numeric_limits<C>::quiet_NaN();
+    stats[kNumGreater] = stats[kNumEqual] = stats[kNumTiesKept] = 0;
+    stats[kNanTensor] = tensor;
+  }
+
+  // One pass: hist_ = histogram of the keys in [st.lo, st.hi] in bins g; `above` = number of
+  // keys greater than st.hi; `inside` = number in the range. Returns the first tensor with a NaN
+  // score if check_nan (else -1).
+  int64_t scan(const RangeState<K>& st, const RangeBins<K>& g, bool check_nan, int64_t& total_above,
+               int64_t& total_inside) {
+    const K lo = st.lo, hi = st.hi, span = st.hi - st.lo;
+    const int shift = g.shift;
+    const int64_t nbins = g.count;
+    const int nthreads = at::get_num_threads();
+    std::vector<int64_t> hists(static_cast<size_t>(nthreads) * nbins, 0);
+    std::vector<int64_t> aboves(static_cast<size_t>(nthreads), 0);
+    std::atomic<int64_t> first_nan{std::numeric_limits<int64_t>::max()};
+
+    at::parallel_for(0, static_cast<int64_t>(chunks_.size()), 1, [&](int64_t cb, int64_t ce) {
+      const int tid = at::get_thread_num();
+      int64_t* hist = hists.data() + static_cast<int64_t>(tid) * nbins;
+      int64_t above = 0;
+      for (int64_t c = cb; c < ce; ++c) {
+        const Chunk& ch = chunks_[c];
+        uint32_t nans = 0;
+        for_each_score_of<C>(in_.kind, in_.a[ch.tensor], b_of(in_, ch.tensor), ch.begin, ch.end,
+                             [&](const C* s, int64_t m, int64_t) {
+                               alignas(8) uint8_t inside[kScoreBlock];
+                               uint32_t n_above = 0, n_in = 0, n_nan = 0;
+                               for (int64_t j = 0; j < m; ++j) {  // vectorized
+                                 const K key = to_key(s[j]);
+                                 const uint8_t in_range = K(key - lo) <= span;
+                                 inside[j] = in_range;
+                                 n_in += in_range;
+                                 n_above += key > hi;
+                                 n_nan += s[j] != s[j];
+                               }
+                               above += n_above;
+                               nans += n_nan;
+                               if (n_in == 0) return;
+                               for (int64_t j = m; j < kScoreBlock && (j & 7) != 0; ++j) inside[j] = 0;
+                               // Candidates are sparse after the first pass: skip 8 flags at a time.
+                               for (int64_t w = 0; w < m; w += 8) {
+                                 uint64_t word;
+                                 memcpy(&word, inside + w, 8);
+                                 while (word != 0) {
+                                   const int64_t j = w + (__builtin_ctzll(word) >> 3);
+                                   ++hist[static_cast<int64_t>(K(to_key(s[j]) - lo) >> shift)];
+                                   word &= word - 1;
+                                 }
+                               }
+                             });
+        if (check_nan && nans > 0) {
+          int64_t cur = first_nan.load();
+          while (ch.tensor < cur && !first_nan.compare_exchange_weak(cur, ch.tensor)) {
+          }
+        }
+      }
+      aboves[tid] += above;
+    });
+
+    hist_.assign(static_cast<size_t>(nbins), 0);
+    total_above = 0;
+    total_inside = 0;
+    for (int t = 0; t < nthreads; ++t) {
+      const int64_t* h = hists.data() + static_cast<int64_t>(t) * nbins;
+      for (int64_t i = 0; i < nbins; ++i) hist_[i] += h[i];
+      total_above += aboves[t];
+    }
+    for (int64_t h : hist_) total_inside += h;
+    const int64_t nan = first_nan.load();
+    return nan == std::numeric_limits<int64_t>::max() ? -1 : nan;
+  }
+
+  // A key range likely to hold the k-th largest key: the order statistics of a deterministic
+  // stratified sample 4 standard deviations on either side of the target rank.
+  RangeState<K> sample_guess(int64_t k) const {
+    const int64_t n = in_.total;
+    const int64_t m = std::min(kSampleSize, n);
+    const int64_t stratum = n / m;
+    std::vector<K> keys;
+    keys.reserve(static_cast<size_t>(m));
+    uint64_t rng = 0x9E3779B97F4A7C15ull;
+    int64_t t = 0, t_begin = 0;  // tensor holding the position, and its first global index
+    for (int64_t j = 0; j < m; ++j) {
+      rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+      const int64_t pos = j * stratum + static_cast<int64_t>((rng >> 33) % static_cast<uint64_t>(stratum));
+      while (pos >= t_begin + in_.a[t].numel) t_begin += in_.a[t++].numel;
+      for_each_score_of<C>(in_.kind, in_.a[t], b_of(in_, t), pos - t_begin, pos - t_begin + 1,
+                           [&](const C* s, int64_t, int64_t) { keys.push_back(to_key(s[0])); });
+    }
+    std::sort(keys.begin(), keys.end(), [](K x, K y) { return x > y; });
+    const double q = static_cast<double>(k) / static_cast<double>(n);
+    const double p = q * static_cast<double>(m);
+    const double delta = 4.0 * std::sqrt(static_cast<double>(m) * q * (1.0 - q)) + 4.0;
+    const auto at_rank = [&](double x) {
+      return keys[static_cast<size_t>(std::clamp<double>(x, 0.0, static_cast<double>(m - 1)))];
+    };
+    RangeState<K> guess;
+    guess.hi = p - delta < 0.0 ? ~K(0) : at_rank(std::floor(p - delta));
+    guess.lo = p + delta > static_cast<double>(m - 1) ? K(0) : at_rank(std::ceil(p + delta));
+    return guess;
+  }
+
+  const SelectInputs& in_;
+  const std::vector<Chunk> chunks_;
+  std::vector<int64_t> hist_;
+};
+
+std::tuple<at::Tensor, at::Tensor> select_threshold_cpu(at::TensorList a, at::TensorList b, std::string_view score,
+                                                        int64_t k) {
+  constexpr const char* op = "select_threshold";
+  auto in = prepare_select_inputs(op, a, b, score);
+  KF_CHECK_VALUE(in.total > 0, op, "expected at least one element in a, got only empty tensors");
+  KF_CHECK_VALUE(k >= 1 && k <= in.total, op, "expected k in [1, ", in.total, "] (the number of elements), got ", k);
+  auto threshold = at::empty({}, a[0].options().dtype(in.wide ? c10::kDouble : c10::kFloat));
+  auto stats = at::empty({kNumSelectStats}, a[0].options().dtype(c10::kLong));
+  if (in.wide) {
+    CpuSelect<double>(in).run(k, threshold.data_ptr<double>(), stats.data_ptr<int64_t>());
+  } else {
+    CpuSelect<float>(in).run(k, threshold.data_ptr<float>(), stats.data_ptr<int64_t>());
+  }
+  return {threshold, stats};
+}
+
+// ---- masks ------------------------------------------------------------------------------------------
+
+template <class C>
+void mask_cpu(const SelectInputs& in, C thr, int64_t n_equal, int64_t ties_kept, std::vector<at::Tensor>& masks) {
+  const auto chunks = make_chunks(numels_of(in));
+  const bool keep_all_ties = ties_kept == n_equal;
+  std::vector<int64_t> chunk_ties(keep_all_ties ? 0 : chunks.size(), 0);
+  std::vector<bool*> out(masks.size());
+  for (size_t i = 0; i < masks.size(); ++i) out[i] = masks[i].data_ptr<bool>();
+
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const Chunk& ch = chunks[c];
+      bool* dst = out[ch.tensor];
+      int64_t ties = 0;
+      for_each_score_of<C>(in.kind, in.a[ch.tensor], b_of(in, ch.tensor), ch.begin, ch.end,
+                           [&](const C* s, int64_t m, int64_t flat) {
+                             bool* d = dst + flat;
+                             if (keep_all_ties) {
+                               for (int64_t j = 0; j < m; ++j) d[j] = s[j] >= thr;
+                             } else {
+                               uint32_t t = 0;
+                               for (int64_t j = 0; j < m; ++j) {
+                                 d[j] = s[j] > thr;
+                                 t += s[j] == thr;
+                               }
+                               ties += t;
+                             }
+                           });
+      if (!keep_all_ties) chunk_ties[c] = ties;
+    }
+  });
+  if (keep_all_ties) return;
+
+  // Chunk c holds the ties ranked [before[c], before[c] + chunk_ties[c]) in (tensor, flat index)
+  // order; those ranked below ties_kept are kept.
+  std::vector<int64_t> before(chunks.size(), 0);
+  for (size_t c = 1; c < chunks.size(); ++c) before[c] = before[c - 1] + chunk_ties[c - 1];
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      if (chunk_ties[c] == 0 || before[c] >= ties_kept) continue;
+      int64_t quota = ties_kept - before[c];
+      const Chunk& ch = chunks[c];
+      bool* dst = out[ch.tensor];
+      for_each_score_of<C>(in.kind, in.a[ch.tensor], b_of(in, ch.tensor), ch.begin, ch.end,
+                           [&](const C* s, int64_t m, int64_t flat) {
+                             for (int64_t j = 0; j < m && quota > 0; ++j) {
+                               if (s[j] == thr) {
+                                 dst[flat + j] = true;
+                                 --quota;
+                               }
+                             }
+                           });
+    }
+  });
+}
+
+std::vector<at::Tensor> topk_mask_cpu(at::TensorList a, at::TensorList b, std::string_view score,
+                                      const at::Tensor& threshold, const at::Tensor& stats) {
+  constexpr const char* op = "topk_mask";
+  auto in = prepare_select_inputs(op, a, b, score);
+  check_threshold_args(op, in, a[0], threshold, stats);
+  const int64_t* st = stats.data_ptr<int64_t>();
+  KF_CHECK_VALUE(st[kNanTensor] < 0, op, "expected stats of NaN-free scores, got stats reporting NaN in a[",
+                 st[kNanTensor], "]");
+  KF_CHECK_VALUE(st[kNumTiesKept] >= 0 && st[kNumTiesKept] <= st[kNumEqual], op,
+                 "expected stats with 0 <= ties kept <= ties, got ", st[kNumTiesKept], " and ", st[kNumEqual]);
+  std::vector<at::Tensor> masks;
+  masks.reserve(a.size());
+  for (const auto& t : a) masks.push_back(at::empty(t.sizes(), t.options().dtype(c10::kBool)));
+  if (in.wide) {
+    mask_cpu<double>(in, *threshold.data_ptr<double>(), st[kNumEqual], st[kNumTiesKept], masks);
+  } else {
+    mask_cpu<float>(in, *threshold.data_ptr<float>(), st[kNumEqual], st[kNumTiesKept], masks);
+  }
+  return masks;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(koopfast, CPU, m) {
+  m.impl("select_threshold", &select_threshold_cpu);
+  m.impl("topk_mask", &topk_mask_cpu);
+}
+
+}  // namespace koopfast

@@ -1,0 +1,320 @@
+// CUDA backend of the select ops: multi-tensor chunked launches, block-private histograms.
+//
+// select_threshold: ceil(key bits / 11) histogram passes, each a grid-stride loop over fixed-size
+// chunks of all tensors with a 2^11-bin shared-memory histogram per block (AIR top-k's digit
+// width), flushed to one global histogram; a one-block kernel then narrows the key range (the
+// same range_descend as the CPU). The state lives on the device: no host synchronization.
+// topk_mask: one pass writes the masks and, when only some ties are kept, counts ties per chunk;
+// a one-block scan and a fix-up pass hand the kept ties out in (tensor, flat index) order.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include <climits>
+#include <limits>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/cuda_utils.h"
+#include "common/dispatch.h"
+#include "select/select_args.h"
+
+namespace koopfast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kCudaDigitWidth = 11;
+constexpr int kCudaBins = 1 << kCudaDigitWidth;
+
+template <class K>
+struct DeviceSelectState {
+  RangeState<K> range;
+  long long nan_tensor;  // first tensor index with a NaN score, LLONG_MAX if none
+};
+
+template <ScoreKind SK, class C, class S>
+__device__ KF_INLINE C score_at(const TensorView& a, const TensorView& b, int64_t i) {
+  const S* pa = static_cast<const S*>(a.data);
+  const S x = a.contiguous() ? pa[i] : pa[a.offset(i)];
+  S y = x;
+  if constexpr (score_is_binary(SK)) {
+    const S* pb = static_cast<const S*>(b.data);
+    y = b.contiguous() ? pb[i] : pb[b.offset(i)];
+  }
+  return score_of<SK, C>(widen<C>(x), widen<C>(y));
+}
+
+// f(i, valid, score) for tiles of blockDim.x consecutive elements of [begin, end): every thread
+// of the block calls f the same number of times (valid is false past the end), so f may
+// synchronize the block.
+template <ScoreKind SK, class C, class S, class F>
+__device__ KF_INLINE void tiles_of(const TensorView& a, const TensorView& b, int64_t begin, int64_t end, F& f) {
+  for (int64_t base = begin; base < end; base += blockDim.x) {
+    const int64_t i = base + threadIdx.x;
+    const bool valid = i < end;
+    f(i, valid, valid ? score_at<SK, C, S>(a, b, i) : C(0));
+  }
+}
+
+template <ScoreKind SK, class C, class F>
+__device__ KF_INLINE void for_each_tile(const TensorView& a, const TensorView& b, int64_t begin, int64_t end, F& f) {
+  switch (a.dtype) {
+    case DType::Float16: tiles_of<SK, C, c10::Half>(a, b, begin, end, f); break;
+    case DType::BFloat16: tiles_of<SK, C, c10::BFloat16>(a, b, begin, end, f); break;
+    case DType::Float32: tiles_of<SK, C, float>(a, b, begin, end, f); break;
+    case DType::Float64: tiles_of<SK, C, double>(a, b, begin, end, f); break;
+    default: break;  // rejected by prepare_select_inputs
+  }
+}
+
+// ---- select_threshold -------------------------------------------------------------------------------
+
+template <class K>
+__global__ void select_init_kernel(DeviceSelectState<K>* state, unsigned long long* hist, int64_t k, int64_t total) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    RangeState<K> st;
+    st.k_rem = k;
+    st.n_bucket = total;
+    state->range = st;
+    state->nan_tensor = LLONG_MAX;
+  }
+  for (int i = threadIdx.x; i < kCudaBins; i += blockDim.x) hist[i] = 0;
+}
+
+template <ScoreKind SK, class C>
+__global__ void __launch_bounds__(kThreads) select_hist_kernel(DeviceTable t, DeviceSelectState<typename KeyOf<C>::type>* state,
+                                                               unsigned long long* hist) {
+  using K = typename KeyOf<C>::type;
+  __shared__ unsigned int block_hist[kCudaBins];
+  const RangeState<K> st = state->range;
+  const RangeBins<K> g = range_bins(st, kCudaDigitWidth);
+  const K span = st.hi - st.lo;
+  for (int i = threadIdx.x; i < kCudaBins; i += blockDim.x) block_hist[i] = 0;
+  __syncthreads();
+  for (int64_t c = blockIdx.x; c < t.num_chunks; c += gridDim.x) {
+    const Chunk ch = t.chunks[c];
+    bool nan = false;
+    auto body = [&](int64_t, bool valid, C s) {
+      if (!valid) return;
+      nan |= (s != s);
+      const K key = to_key(s);
+      if (K(key - st.lo) <= span) atomicAdd(&block_hist[static_cast<int>(K(key - st.lo) >> g.shift)], 1u);
+    };
+    for_each_tile<SK, C>(t.a[ch.tensor], t.b[ch.tensor], ch.begin, ch.end, body);
+    if (nan) atomicMin(&state->nan_tensor, static_cast<long long>(ch.tensor));
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < g.count; i += blockDim.x) {
+    if (block_hist[i] != 0) atomicAdd(&hist[i], static_cast<unsigned long long>(block_hist[i]));
+  }
+}
+
+template <class K>
+__global__ void select_descend_kernel(DeviceSelectState<K>* state, unsigned long long* hist) {
+  if (threadIdx.x == 0) {
+    RangeState<K> st = state->range;
+    range_descend(st, hist, range_bins(st, kCudaDigitWidth));
+    state->range = st;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kCudaBins; i += blockDim.x) hist[i] = 0;
+}
+
+template <class C>
+__global__ void select_finalize_kernel(const DeviceSelectState<typename KeyOf<C>::type>* state, C* threshold,
+                                       int64_t* stats) {
+  const long long nan = state->nan_tensor;
+  if (nan != LLONG_MAX) {
+    *threshold = std::numeric_limits<C>::quiet_NaN();
+    stats[kNumGreater] = stats[kNumEqual] = stats[kNumTiesKept] = 0;
+    stats[kNanTensor] = nan;
+    return;
+  }
+  *threshold = from_key<C>(state->range.lo);
+  stats[kNumGreater] = state->range.n_greater;
+  stats[kNumEqual] = state->range.n_bucket;
+  stats[kNumTiesKept] = state->range.k_rem;
+  stats[kNanTensor] = -1;
+}
+
+std::vector<int64_t> numels_of(const SelectInputs& in) {
+  std::vector<int64_t> n;
+  for (const auto& v : in.a) n.push_back(v.numel);
+  return n;
+}
+
+template <class C>
+void select_cuda(const SelectInputs& in, int64_t k, const at::Tensor& like, at::Tensor& threshold, at::Tensor& stats) {
+  using K = typename KeyOf<C>::type;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const UploadedTable up = upload_table(in.a, in.b, make_chunks(numels_of(in)), {}, like.device());
+  const DeviceTable& t = up.table;
+  // Workspace: the state, then the global histogram (both 8-byte aligned).
+  constexpr int64_t state_words = (sizeof(DeviceSelectState<K>) + 7) / 8;
+  at::Tensor work = at::empty({state_words + kCudaBins}, like.options().dtype(c10::kLong));
+  auto* state = reinterpret_cast<DeviceSelectState<K>*>(work.data_ptr<int64_t>());
+  auto* hist = reinterpret_cast<unsigned long long*>(work.data_ptr<int64_t>() + state_words);
+
+  select_init_kernel<K><<<1, kThreads, 0, stream>>>(state, hist, k, in.total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int passes = (8 * static_cast<int>(sizeof(K)) + kCudaDigitWidth - 1) / kCudaDigitWidth;
+  const int grid = grid_size(t.num_chunks);
+  dispatch_score(in.kind, [&](auto ktag) {
+    constexpr ScoreKind SK = decltype(ktag)::value;
+    for (int p = 0; p < passes; ++p) {
+      select_hist_kernel<SK, C><<<grid, kThreads, 0, stream>>>(t, state, hist);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      select_descend_kernel<K><<<1, kThreads, 0, stream>>>(state, hist);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  select_finalize_kernel<C><<<1, 1, 0, stream>>>(state, threshold.data_ptr<C>(), stats.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> select_threshold_cuda(at::TensorList a, at::TensorList b, std::string_view score,
+                                                         int64_t k) {
+  constexpr const char* op = "select_threshold";
+  auto in = prepare_select_inputs(op, a, b, score);
+  KF_CHECK_VALUE(in.total > 0, op, "expected at least one element in a, got only empty tensors");
+  KF_CHECK_VALUE(k >= 1 && k <= in.total, op, "expected k in [1, ", in.total, "] (the number of elements), got ", k);
+  const c10::cuda::CUDAGuard guard(a[0].device());
+  auto threshold = at::empty({}, a[0].options().dtype(in.wide ? c10::kDouble : c10::kFloat));
+  auto stats = at::empty({kNumSelectStats}, a[0].options().dtype(c10::kLong));
+  if (in.wide) {
+    select_cuda<double>(in, k, a[0], threshold, stats);
+  } else {
+    select_cuda<float>(in, k, a[0], threshold, stats);
+  }
+  return {threshold, stats};
+}
+
+// ---- topk_mask --------------------------------------------------------------------------------------
+
+using TieReduce = cub::BlockReduce<long long, kThreads>;
+using TieScan = cub::BlockScan<int, kThreads>;
+
+template <ScoreKind SK, class C>
+__global__ void __launch_bounds__(kThreads) mask_kernel(DeviceTable t, const C* threshold, const int64_t* stats,
+                                                        long long* chunk_ties) {
+  __shared__ typename TieReduce::TempStorage reduce_storage;
+  const C thr = *threshold;
+  const bool keep_all_ties = stats[kNumTiesKept] == stats[kNumEqual];
+  for (int64_t c = blockIdx.x; c < t.num_chunks; c += gridDim.x) {
+    const Chunk ch = t.chunks[c];
+    bool* out = static_cast<bool*>(t.out[ch.tensor]);
+    long long ties = 0;
+    auto body = [&](int64_t i, bool valid, C s) {
+      if (!valid) return;
+      out[i] = keep_all_ties ? s >= thr : s > thr;
+      ties += (s == thr);
+    };
+    for_each_tile<SK, C>(t.a[ch.tensor], t.b[ch.tensor], ch.begin, ch.end, body);
+    if (!keep_all_ties) {
+      const long long total = TieReduce(reduce_storage).Sum(ties);
+      if (threadIdx.x == 0) chunk_ties[c] = total;
+      __syncthreads();  // reduce_storage is reused by the next chunk
+    }
+  }
+}
+
+// Exclusive prefix sum of chunk_ties into ties_before, by one block.
+__global__ void __launch_bounds__(kThreads) tie_prefix_kernel(const long long* chunk_ties, long long* ties_before,
+                                                              int64_t num_chunks, const int64_t* stats) {
+  using Scan = cub::BlockScan<long long, kThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  if (stats[kNumTiesKept] == stats[kNumEqual]) return;
+  long long carry = 0;
+  for (int64_t base = 0; base < num_chunks; base += kThreads) {
+    const int64_t c = base + threadIdx.x;
+    const long long v = c < num_chunks ? chunk_ties[c] : 0;
+    long long before = 0, tile_total = 0;
+    Scan(scan_storage).ExclusiveSum(v, before, tile_total);
+    if (c < num_chunks) ties_before[c] = carry + before;
+    carry += tile_total;
+    __syncthreads();
+  }
+}
+
+template <ScoreKind SK, class C>
+__global__ void __launch_bounds__(kThreads) tie_fix_kernel(DeviceTable t, const C* threshold, const int64_t* stats,
+                                                           const long long* chunk_ties, const long long* ties_before) {
+  __shared__ typename TieScan::TempStorage scan_storage;
+  const int64_t ties_kept = stats[kNumTiesKept];
+  if (ties_kept == stats[kNumEqual]) return;
+  const C thr = *threshold;
+  for (int64_t c = blockIdx.x; c < t.num_chunks; c += gridDim.x) {
+    const long long quota = ties_kept - ties_before[c];
+    if (chunk_ties[c] == 0 || quota <= 0) continue;  // uniform across the block
+    const Chunk ch = t.chunks[c];
+    bool* out = static_cast<bool*>(t.out[ch.tensor]);
+    long long seen = 0;
+    auto body = [&](int64_t i, bool valid, C s) {
+      const int tie = valid && s == thr;
+      int rank = 0, tile_ties = 0;
+      TieScan(scan_storage).ExclusiveSum(tie, rank, tile_ties);
+      if (tie && seen + rank < quota) out[i] = true;
+      seen += tile_ties;
+      __syncthreads();
+    };
+    for_each_tile<SK, C>(t.a[ch.tensor], t.b[ch.tensor], ch.begin, ch.end, body);
+  }
+}
+
+template <class C>
+void mask_cuda(const SelectInputs& in, const at::Tensor& threshold, const at::Tensor& stats,
+               std::vector<at::Tensor>& masks) {
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  std::vector<void*> out;
+  for (auto& m : masks) out.push_back(m.data_ptr());
+  const UploadedTable up = upload_table(in.a, in.b, make_chunks(numels_of(in)), out, threshold.device());
+  const DeviceTable& t = up.table;
+  at::Tensor ties = at::empty({2 * std::max<int64_t>(t.num_chunks, 1)}, threshold.options().dtype(c10::kLong));
+  auto* chunk_ties = reinterpret_cast<long long*>(ties.data_ptr<int64_t>());
+  long long* ties_before = chunk_ties + t.num_chunks;
+  const int grid = grid_size(t.num_chunks);
+  const C* thr = threshold.data_ptr<C>();
+  const int64_t* st = stats.data_ptr<int64_t>();
+  dispatch_score(in.kind, [&](auto ktag) {
+    constexpr ScoreKind SK = decltype(ktag)::value;
+    mask_kernel<SK, C><<<grid, kThreads, 0, stream>>>(t, thr, st, chunk_ties);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    tie_prefix_kernel<<<1, kThreads, 0, stream>>>(chunk_ties, ties_before, t.num_chunks, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    tie_fix_kernel<SK, C><<<grid, kThreads, 0, stream>>>(t, thr, st, chunk_ties, ties_before);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+std::vector<at::Tensor> topk_mask_cuda(at::TensorList a, at::TensorList b, std::string_view score,
+                                       const at::Tensor& threshold, const at::Tensor& stats) {
+  constexpr const char* op = "topk_mask";
+  auto in = prepare_select_inputs(op, a, b, score);
+  check_threshold_args(op, in, a[0], threshold, stats);
+  const c10::cuda::CUDAGuard guard(a[0].device());
+  std::vector<at::Tensor> masks;
+  masks.reserve(a.size());
+  for (const auto& x : a) masks.push_back(at::empty(x.sizes(), x.options().dtype(c10::kBool)));
+  if (in.total == 0) return masks;
+  if (in.wide) {
+    mask_cuda<double>(in, threshold, stats, masks);
+  } else {
+    mask_cuda<float>(in, threshold, stats, masks);
+  }
+  return masks;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(koopfast, CUDA, m) {
+  m.impl("select_threshold", &select_threshold_cuda);
+  m.impl("topk_mask", &topk_mask_cuda);
+}
+
+}  // namespace koopfast

@@ -1,0 +1,22 @@
+"""koopfast: fast neural-network pruning criteria on C++/CUDA kernels registered as torch ops.
+
+Importing koopfast loads its compiled core (registering ``torch.ops.koopfast``) after torch.
+"""
+
+from koopfast._loader import load_extension as _load_extension
+
+_C = _load_extension()
+
+from koopfast import masks, ops, reference  # noqa: E402  (after the core is loaded)
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """What the compiled core was built with: ``backends`` (``["cpu"]`` or ``["cpu", "cuda"]``),
+    ``openmp`` (the ``_OPENMP`` date or None), ``cuda_version``, ``cuda_archs`` (CMake's list),
+    ``torch_version`` (must equal ``torch.__version__``) and ``compiler``."""
+    return dict(_C.build_info())
+
+
+__all__ = ["__version__", "build_info", "masks", "ops", "reference"]

@@ -1,0 +1,177 @@
+"""Masks from scores: exact global and layerwise top-k selection.
+
+Scores are "higher = keep". They come as ``dict[name, Tensor]`` (or a list of tensors); with
+``by`` set to a two-operand score, each value is a pair ``(a, b)`` and the score (for example
+|θ·g|) is computed inside the kernel, never materialised. Masks are bool tensors of the same
+structure, shapes and device.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from koopfast import ops
+from koopfast._types import BINARY_SCORES, UNARY_SCORES, ScoreBy
+
+__all__ = ["global_topk", "keep_count", "layerwise_topk"]
+
+Operand = Union[Tensor, tuple[Tensor, Tensor]]
+Scores = Union[Mapping[str, Operand], Sequence[Operand]]
+
+
+def keep_count(n: int, sparsity: float, *, fn: str = "koopfast.masks.keep_count") -> int:
+    """round((1 - sparsity) * n): how many of n scores a mask of this sparsity keeps."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"{fn}: expected sparsity to be a float in [0, 1), got {type(sparsity).__name__}")
+    if not (0.0 <= sparsity < 1.0) or math.isnan(sparsity):
+        raise ValueError(f"{fn}: expected sparsity in [0, 1), got {sparsity!r}")
+    return round((1.0 - sparsity) * n)
+
+
+class _Operands:
+    """Scores unpacked into the ops' (a, b) lists, with names for messages."""
+
+    def __init__(self, scores: Scores, by: str, fn: str):
+        if by not in UNARY_SCORES + BINARY_SCORES:
+            raise ValueError(f"{fn}: expected by to be one of {UNARY_SCORES + BINARY_SCORES}, got {by!r}")
+        if isinstance(scores, Mapping):
+            self.keys: list = list(scores.keys())
+            self.names = [str(k) for k in self.keys]
+            values = list(scores.values())
+        elif isinstance(scores, Sequence) and not isinstance(scores, (str, Tensor)):
+            self.keys = list(range(len(scores)))
+            self.names = [f"scores[{i}]" for i in self.keys]
+            values = list(scores)
+        else:
+            raise TypeError(f"{fn}: expected scores to be a dict of tensors or a list of tensors, got {type(scores).__name__}")
+        if not values:
+            raise ValueError(f"{fn}: expected at least one score tensor, got none")
+        self.is_mapping = isinstance(scores, Mapping)
+        self.fn, self.by = fn, by
+        binary = by in BINARY_SCORES
+        self.a: list[Tensor] = []
+        self.b: list[Tensor] = []
+        for name, v in zip(self.names, values):
+            if binary:
+                if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(t, Tensor) for t in v)):
+                    raise TypeError(f"{fn}: expected {name!r} to be a pair of tensors (a, b) for by={by!r}, got {type(v).__name__}")
+                self.a.append(v[0].detach())
+                self.b.append(v[1].detach())
+            else:
+                if not isinstance(v, Tensor):
+                    raise TypeError(f"{fn}: expected {name!r} to be a tensor for by={by!r}, got {type(v).__name__}")
+                self.a.append(v.detach())
+        self.numel = sum(t.numel() for t in self.a)
+
+    def rename(self, exc: Exception) -> Exception:
+        """The op's error with a[i] / b[i] replaced by the caller's names."""
+        def name(m: re.Match) -> str:
+            i = int(m.group(2))
+            suffix = "" if m.group(1) == "a" else " (second operand)"
+            return f"{self.names[i]!r}{suffix}" if i < len(self.names) else m.group(0)
+
+        msg = re.sub(r"^koopfast::\w+: ", "", str(exc).split("\n")[0])
+        return type(exc)(f"{self.fn}: " + re.sub(r"\b([ab])\[(\d+)\]", name, msg))
+
+    def select(self, k: int) -> tuple[Tensor, Tensor]:
+        try:
+            threshold, stats = ops.select_threshold(self.a, self.b, self.by, k)
+        except (ValueError, TypeError) as exc:
+            raise self.rename(exc) from None
+        # One small read (a sync on CUDA): NaN must raise, never be silently kept or dropped.
+        nan_tensor = int(stats[ops.STAT_NAN_TENSOR])
+        if nan_tensor >= 0:
+            raise ValueError(f"{self.fn}: expected scores without NaN, got NaN in {self.names[nan_tensor]!r}")
+        return threshold, stats
+
+    def topk(self, k: int) -> list[Tensor]:
+        """Masks keeping exactly k entries over all tensors."""
+        threshold, stats = self.select(max(k, 1))  # k == 0 still checks for NaN
+        if k == 0:
+            return [torch.zeros_like(t, dtype=torch.bool, memory_format=torch.contiguous_format) for t in self.a]
+        return ops.topk_mask(self.a, self.b, self.by, threshold, stats)
+
+    def subset(self, i: int) -> _Operands:
+        """The i-th tensor (pair) alone."""
+        one = _Operands([(self.a[i], self.b[i])] if self.b else [self.a[i]], self.by, self.fn)
+        one.names = [self.names[i]]
+        return one
+
+    def pack(self, masks: list[Tensor]):
+        return dict(zip(self.keys, masks)) if self.is_mapping else masks
+
+
+def global_topk(scores: Scores, sparsity: float | None = None, *, keep: int | None = None, by: ScoreBy = "value"):
+    """Masks keeping the top scores over all tensors together (one global threshold).
+
+    Exactly ``round((1 - sparsity) * N)`` entries are kept over the N entries of all tensors (or
+    exactly ``keep``, if given instead of ``sparsity``). Ties at the threshold are resolved by
+    position: the first tensor in order, then the lowest flat index, wins; the result is the
+    same on any device and thread count. No concatenated copy is made: extra memory is a few
+    histograms and one counter per 64K-element chunk.
+
+    Args:
+        scores: ``dict[name, Tensor]`` or list of tensors (any shapes, float dtypes, one device);
+            pairs ``(a, b)`` for the two-operand ``by`` values.
+        sparsity: fraction to prune, in [0, 1).
+        keep: number of entries to keep, in [0, N]; the alternative to ``sparsity``.
+        by: how the score is computed from the values: 'value' (the default: values are
+            scores), 'abs' |a|, 'product' a·b, 'abs_product' |a·b|, 'square_times_abs' a²·|b|.
+
+    Returns:
+        Bool masks in the structure of ``scores`` (dict with the same keys, or list).
+
+    Raises:
+        ValueError: sparsity outside [0, 1), keep outside [0, N], no elements, NaN in a score
+            (naming the tensor), tensors on different devices or pairs of different shapes.
+        TypeError: non-floating scores, wrong container types.
+    """
+    fn = "koopfast.masks.global_topk"
+    operands = _Operands(scores, by, fn)
+    n = operands.numel
+    if n == 0:
+        raise ValueError(f"{fn}: expected at least one score element, got only empty tensors")
+    return operands.pack(operands.topk(_resolve_keep(n, sparsity, keep, fn)))
+
+
+def layerwise_topk(scores: Scores, sparsity: float | Mapping[str, float], *, by: ScoreBy = "value"):
+    """Masks keeping the top scores of each tensor separately.
+
+    Each tensor of n entries keeps exactly ``round((1 - s) * n)``, with ``s`` the common
+    ``sparsity`` or, if a dict is given, ``sparsity[name]`` (tensors not named keep everything).
+    Ties are broken by flat index. Arguments, errors and results as in :func:`global_topk`.
+    """
+    fn = "koopfast.masks.layerwise_topk"
+    operands = _Operands(scores, by, fn)
+    if isinstance(sparsity, Mapping):
+        unknown = set(map(str, sparsity)) - set(operands.names)
+        if unknown:
+            raise ValueError(f"{fn}: expected sparsity keys among the score names, got unknown {sorted(unknown)}")
+    masks = []
+    for i, name in enumerate(operands.names):
+        s = sparsity.get(name, 0.0) if isinstance(sparsity, Mapping) else sparsity
+        a = operands.a[i]
+        if a.numel() == 0:
+            keep_count(0, s, fn=fn)  # still validates s
+            masks.append(torch.zeros_like(a, dtype=torch.bool))
+            continue
+        masks.append(operands.subset(i).topk(keep_count(a.numel(), s, fn=fn))[0])
+    return operands.pack(masks)
+
+
+def _resolve_keep(n: int, sparsity: float | None, keep: int | None, fn: str) -> int:
+    if (sparsity is None) == (keep is None):
+        raise ValueError(f"{fn}: expected exactly one of sparsity and keep, got {'both' if keep is not None else 'neither'}")
+    if sparsity is not None:
+        return keep_count(n, sparsity, fn=fn)
+    if isinstance(keep, bool) or not isinstance(keep, int):
+        raise TypeError(f"{fn}: expected keep to be an int, got {type(keep).__name__}")
+    if not 0 <= keep <= n:
+        raise ValueError(f"{fn}: expected keep in [0, {n}] (the number of score elements), got {keep}")
+    return keep

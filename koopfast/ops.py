@@ -1,0 +1,73 @@
+"""Typed wrappers of the ``torch.ops.koopfast`` operators, with their fake (meta) kernels.
+
+Each wrapper is a one-line call of the registered op; schemas live in csrc/registration.cpp and
+pure-PyTorch twins with identical signatures in :mod:`koopfast.reference`. Inputs are never
+modified. Fake kernels compute output metadata only, so every op works under
+``torch.compile(fullgraph=True)``, ``torch.export`` and FakeTensor tracing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from koopfast._types import ScoreBy
+
+__all__ = ["NUM_SELECT_STATS", "select_threshold", "topk_mask"]
+
+# Layout of the int64 `stats` tensor returned by select_threshold.
+NUM_SELECT_STATS = 4
+STAT_GREATER, STAT_EQUAL, STAT_TIES_KEPT, STAT_NAN_TENSOR = range(NUM_SELECT_STATS)
+
+
+def _compute_dtype(a: Sequence[Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in a) else torch.float32
+
+
+# ---- threshold selection ---------------------------------------------------------------------------
+
+
+def select_threshold(a: Sequence[Tensor], b: Sequence[Tensor], score: ScoreBy, k: int) -> tuple[Tensor, Tensor]:
+    """The k-th largest score over every element of every tensor in ``a``, without concatenating.
+
+    Args:
+        a: non-empty list of float16/bfloat16/float32/float64 tensors of any shapes and strides,
+            all on one device.
+        b: ``[]`` for ``score`` in {'value', 'abs'}; for 'product', 'abs_product' and
+            'square_times_abs' one tensor per ``a[i]`` with its shape and dtype.
+        score: 'value' a, 'abs' |a|, 'product' a·b, 'abs_product' |a·b|, 'square_times_abs'
+            a²·|b|, computed in float64 if any ``a[i]`` is float64, else float32.
+        k: 1 <= k <= total number of elements.
+
+    Returns:
+        ``threshold``: 0-dim tensor of the compute dtype on a's device, the k-th largest score
+        (-0 reported as +0). ``stats``: int64[4] on a's device: number of scores greater than
+        the threshold, number equal to it, how many of those equal ones the top k keeps, and the
+        index of the first tensor holding a NaN score (-1 if none; then the rest is undefined).
+    """
+    return torch.ops.koopfast.select_threshold.default(list(a), list(b), score, k)
+
+
+@torch.library.register_fake("koopfast::select_threshold")
+def _select_threshold_fake(a, b, score, k):
+    torch._check(len(a) > 0, lambda: "koopfast::select_threshold: expected a to be a non-empty list of tensors")
+    threshold = a[0].new_empty((), dtype=_compute_dtype(a))
+    stats = a[0].new_empty((NUM_SELECT_STATS,), dtype=torch.int64)
+    return threshold, stats
+
+
+def topk_mask(a: Sequence[Tensor], b: Sequence[Tensor], score: ScoreBy, threshold: Tensor, stats: Tensor) -> list[Tensor]:
+    """Bool masks of the top k scores, given ``select_threshold(a, b, score, k)``'s outputs.
+
+    ``mask[i]`` has ``a[i]``'s shape (contiguous, on a's device) and is True where the score
+    exceeds the threshold, plus for the first ``stats[2]`` scores equal to it in (tensor index,
+    flat index) order: exactly k True in total, whatever the device or thread count.
+    """
+    return torch.ops.koopfast.topk_mask.default(list(a), list(b), score, threshold, stats)
+
+
+@torch.library.register_fake("koopfast::topk_mask")
+def _topk_mask_fake(a, b, score, threshold, stats):
+    return [torch.empty_like(t, dtype=torch.bool, memory_format=torch.contiguous_format) for t in a]
