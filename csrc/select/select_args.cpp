@@ -5,6 +5,8 @@
 #include "common/checks.h"
 #include "common/views.h"
 
+#include <torch/library.h>
+
 namespace koopfast {
 namespace {
 
@@ -72,6 +74,34 @@ void check_threshold_args(const char* op, const SelectInputs& in, const at::Tens
   KF_CHECK_VALUE(threshold.device() == a0.device() && stats.device() == a0.device(), op,
                  "expected threshold and stats on ", a0.device(), ", got ", threshold.device(), " and ",
                  stats.device());
+}
+
+// ---- devices without a kernel, and calls without any tensor -----------------------------------------
+// The dispatcher routes both here (CompositeExplicitAutograd covers every backend key without a
+// kernel of its own, and the no-tensor case). Fail with the reason instead of a dispatcher dump.
+namespace {
+
+[[noreturn]] void no_kernel(const char* op, at::TensorList a) {
+  KF_CHECK_VALUE(!a.empty(), op, "expected a to be a non-empty list of tensors, got an empty list");
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "koopfast::", op, ": no kernel for tensors on ", a[0].device(),
+                              " in this build of koopfast (see koopfast.build_info()['backends'])");
+}
+
+std::tuple<at::Tensor, at::Tensor> select_threshold_no_kernel(at::TensorList a, at::TensorList, std::string_view,
+                                                              int64_t) {
+  no_kernel("select_threshold", a);
+}
+
+std::vector<at::Tensor> topk_mask_no_kernel(at::TensorList a, at::TensorList, std::string_view, const at::Tensor&,
+                                            const at::Tensor&) {
+  no_kernel("topk_mask", a);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(koopfast, CompositeExplicitAutograd, m) {
+  m.impl("select_threshold", &select_threshold_no_kernel);
+  m.impl("topk_mask", &topk_mask_no_kernel);
 }
 
 }  // namespace koopfast

@@ -109,65 +109,75 @@ class CpuSelect {
   // score if check_nan (else -1).
   int64_t scan(const RangeState<K>& st, const RangeBins<K>& g, bool check_nan, int64_t& total_above,
                int64_t& total_inside) {
-    const K lo = st.lo, hi = st.hi, span = st.hi - st.lo;
+    // Candidates are found with float compares against the range's bounds, which vectorize better
+    // than key arithmetic; for non-NaN scores, lo_f <= s <= hi_f <=> lo <= key(s) <= hi.
+    const K lo = st.lo;
+    const C lo_f = lo <= to_key(-std::numeric_limits<C>::infinity()) ? -std::numeric_limits<C>::infinity() : from_key<C>(lo);
+    const C hi_f = st.hi >= to_key(std::numeric_limits<C>::infinity()) ? std::numeric_limits<C>::infinity() : from_key<C>(st.hi);
     const int shift = g.shift;
     const int64_t nbins = g.count;
     const int nthreads = at::get_num_threads();
-    std::vector<int64_t> hists(static_cast<size_t>(nthreads) * nbins, 0);
+    // Per-thread 32-bit counters (half the cache footprint of 64-bit ones). A round holds at most
+    // 2^31 elements, even if it runs on one thread (nested parallelism), so they cannot overflow
+    // before being added up.
+    const int64_t round_chunks = (int64_t{1} << 31) / kChunkElems;
+    std::vector<uint32_t> hists(static_cast<size_t>(nthreads) * nbins);
     std::vector<int64_t> aboves(static_cast<size_t>(nthreads), 0);
     std::atomic<int64_t> first_nan{std::numeric_limits<int64_t>::max()};
+    hist_.assign(static_cast<size_t>(nbins), 0);
 
-    at::parallel_for(0, static_cast<int64_t>(chunks_.size()), 1, [&](int64_t cb, int64_t ce) {
-      const int tid = at::get_thread_num();
-      int64_t* hist = hists.data() + static_cast<int64_t>(tid) * nbins;
-      int64_t above = 0;
-      for (int64_t c = cb; c < ce; ++c) {
-        const Chunk& ch = chunks_[c];
-        uint32_t nans = 0;
-        for_each_score_of<C>(in_.kind, in_.a[ch.tensor], b_of(in_, ch.tensor), ch.begin, ch.end,
-                             [&](const C* s, int64_t m, int64_t) {
-                               alignas(8) uint8_t inside[kScoreBlock];
-                               uint32_t n_above = 0, n_in = 0, n_nan = 0;
-                               for (int64_t j = 0; j < m; ++j) {  // vectorized
-                                 const K key = to_key(s[j]);
-                                 const uint8_t in_range = K(key - lo) <= span;
-                                 inside[j] = in_range;
-                                 n_in += in_range;
-                                 n_above += key > hi;
-                                 n_nan += s[j] != s[j];
-                               }
-                               above += n_above;
-                               nans += n_nan;
-                               if (n_in == 0) return;
-                               for (int64_t j = m; j < kScoreBlock && (j & 7) != 0; ++j) inside[j] = 0;
-                               // Candidates are sparse after the first pass: skip 8 flags at a time.
-                               for (int64_t w = 0; w < m; w += 8) {
-                                 uint64_t word;
-                                 memcpy(&word, inside + w, 8);
-                                 while (word != 0) {
-                                   const int64_t j = w + (__builtin_ctzll(word) >> 3);
-                                   ++hist[static_cast<int64_t>(K(to_key(s[j]) - lo) >> shift)];
-                                   word &= word - 1;
+    const int64_t num_chunks = static_cast<int64_t>(chunks_.size());
+    for (int64_t round = 0; round < num_chunks; round += round_chunks) {
+      std::fill(hists.begin(), hists.end(), 0u);
+      at::parallel_for(round, std::min(num_chunks, round + round_chunks), 1, [&](int64_t cb, int64_t ce) {
+        const int tid = at::get_thread_num();
+        uint32_t* hist = hists.data() + static_cast<int64_t>(tid) * nbins;
+        int64_t above = 0;
+        for (int64_t c = cb; c < ce; ++c) {
+          const Chunk& ch = chunks_[c];
+          uint32_t nans = 0;
+          for_each_score_of<C>(in_.kind, in_.a[ch.tensor], b_of(in_, ch.tensor), ch.begin, ch.end,
+                               [&](const C* s, int64_t m, int64_t) {
+                                 alignas(8) uint8_t inside[kScoreBlock];
+                                 uint32_t n_above = 0, n_in = 0, n_nan = 0;
+                                 for (int64_t j = 0; j < m; ++j) {  // vectorized
+                                   const uint8_t in_range = (s[j] >= lo_f) & (s[j] <= hi_f);
+                                   inside[j] = in_range;
+                                   n_in += in_range;
+                                   n_above += s[j] > hi_f;
+                                   n_nan += s[j] != s[j];
                                  }
-                               }
-                             });
-        if (check_nan && nans > 0) {
-          int64_t cur = first_nan.load();
-          while (ch.tensor < cur && !first_nan.compare_exchange_weak(cur, ch.tensor)) {
+                                 above += n_above;
+                                 nans += n_nan;
+                                 if (n_in == 0) return;
+                                 for (int64_t j = m; j < kScoreBlock && (j & 7) != 0; ++j) inside[j] = 0;
+                                 // Candidates are sparse after the first pass: skip 8 flags at a time.
+                                 for (int64_t w = 0; w < m; w += 8) {
+                                   uint64_t word;
+                                   memcpy(&word, inside + w, 8);
+                                   while (word != 0) {
+                                     const int64_t j = w + (__builtin_ctzll(word) >> 3);
+                                     ++hist[static_cast<int64_t>(K(to_key(s[j]) - lo) >> shift)];
+                                     word &= word - 1;
+                                   }
+                                 }
+                               });
+          if (check_nan && nans > 0) {
+            int64_t cur = first_nan.load();
+            while (ch.tensor < cur && !first_nan.compare_exchange_weak(cur, ch.tensor)) {
+            }
           }
         }
+        aboves[tid] += above;
+      });
+      for (int t = 0; t < nthreads; ++t) {
+        const uint32_t* h = hists.data() + static_cast<int64_t>(t) * nbins;
+        for (int64_t i = 0; i < nbins; ++i) hist_[i] += h[i];
       }
-      aboves[tid] += above;
-    });
-
-    hist_.assign(static_cast<size_t>(nbins), 0);
+    }
     total_above = 0;
     total_inside = 0;
-    for (int t = 0; t < nthreads; ++t) {
-      const int64_t* h = hists.data() + static_cast<int64_t>(t) * nbins;
-      for (int64_t i = 0; i < nbins; ++i) hist_[i] += h[i];
-      total_above += aboves[t];
-    }
+    for (int t = 0; t < nthreads; ++t) total_above += aboves[t];
     for (int64_t h : hist_) total_inside += h;
     const int64_t nan = first_nan.load();
     return nan == std::numeric_limits<int64_t>::max() ? -1 : nan;
@@ -179,17 +189,23 @@ class CpuSelect {
     const int64_t n = in_.total;
     const int64_t m = std::min(kSampleSize, n);
     const int64_t stratum = n / m;
-    std::vector<K> keys;
-    keys.reserve(static_cast<size_t>(m));
+    std::vector<int64_t> starts(in_.a.size() + 1, 0);  // first global index of each tensor
+    for (size_t t = 0; t < in_.a.size(); ++t) starts[t + 1] = starts[t] + in_.a[t].numel;
+    std::vector<int64_t> positions(static_cast<size_t>(m));
     uint64_t rng = 0x9E3779B97F4A7C15ull;
-    int64_t t = 0, t_begin = 0;  // tensor holding the position, and its first global index
     for (int64_t j = 0; j < m; ++j) {
       rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-      const int64_t pos = j * stratum + static_cast<int64_t>((rng >> 33) % static_cast<uint64_t>(stratum));
-      while (pos >= t_begin + in_.a[t].numel) t_begin += in_.a[t++].numel;
-      for_each_score_of<C>(in_.kind, in_.a[t], b_of(in_, t), pos - t_begin, pos - t_begin + 1,
-                           [&](const C* s, int64_t, int64_t) { keys.push_back(to_key(s[0])); });
+      positions[j] = j * stratum + static_cast<int64_t>((rng >> 33) % static_cast<uint64_t>(stratum));
     }
+    std::vector<K> keys(static_cast<size_t>(m));
+    at::parallel_for(0, m, 256, [&](int64_t jb, int64_t je) {  // random reads: latency-bound
+      for (int64_t j = jb; j < je; ++j) {
+        const int64_t t = std::upper_bound(starts.begin(), starts.end(), positions[j]) - starts.begin() - 1;
+        const int64_t i = positions[j] - starts[t];
+        for_each_score_of<C>(in_.kind, in_.a[t], b_of(in_, t), i, i + 1,
+                             [&](const C* s, int64_t, int64_t) { keys[j] = to_key(s[0]); });
+      }
+    });
     std::sort(keys.begin(), keys.end(), [](K x, K y) { return x > y; });
     const double q = static_cast<double>(k) / static_cast<double>(n);
     const double p = q * static_cast<double>(m);

@@ -1,0 +1,5 @@
+import sys
+
+from koopfast.cli import main
+
+sys.exit(main())

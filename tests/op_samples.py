@@ -1,0 +1,36 @@
+"""Sample inputs for every registered koopfast op, used by opcheck and the registration meta-test.
+
+Every op registered under ``koopfast::`` must have an entry here (tests/test_registration.py
+fails otherwise). Each entry maps a device to a list of argument tuples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+import koopfast as kf
+
+
+def _select_samples(device: str) -> list[tuple]:
+    g = torch.Generator().manual_seed(1)
+    a = [torch.randn(7, 5, generator=g).to(device), torch.randn(3, generator=g).to(device),
+         torch.randn(4, 6, generator=g).to(device).t()]
+    b = [torch.randn(x.shape, generator=g).to(device) for x in a]
+    return [(a, [], "abs", 10), (a, b, "abs_product", 1), ([a[0].double()], [], "value", 35),
+            ([a[1].half(), a[0].bfloat16()], [b[1].half(), b[0].bfloat16()], "square_times_abs", 3)]
+
+
+def _mask_samples(device: str) -> list[tuple]:
+    out = []
+    for a, b, score, k in _select_samples(device):
+        threshold, stats = kf.ops.select_threshold(a, b, score, k)
+        out.append((a, b, score, threshold, stats))
+    return out
+
+
+SAMPLES: dict[str, Callable[[str], list[tuple]]] = {
+    "select_threshold": _select_samples,
+    "topk_mask": _mask_samples,
+}
