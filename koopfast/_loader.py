@@ -22,7 +22,7 @@ def load_extension() -> ModuleType:
             "koopfast's compiled core was not found: this koopfast was never built (an import from "
             f"a source tree without an install?). {_REBUILD}"
         ) from exc
-    if config.TORCH_VERSION != torch.__version__:
+    if torch.__version__ != config.TORCH_VERSION:
         raise ImportError(
             f"koopfast was compiled against torch {config.TORCH_VERSION}, but torch "
             f"{torch.__version__} is installed; its kernels would not load or would misbehave. {_REBUILD}"

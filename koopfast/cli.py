@@ -20,12 +20,17 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"koopfast bench on {harness.describe_device(device)}{' (--quick)' if args.quick else ''}", flush=True)
     rows = select.run(device, quick=args.quick, repeat=args.repeat)
     print(harness.format_table(rows))
-    print(f"\nvs baseline: {select.BASELINE} time / method time. GB/s: input bytes (one read) / median time;"
-          f" % stream: of '{select.STREAM}'. Peak extra: memory beyond the inputs, outputs included.")
+    print(
+        f"\nvs baseline: {select.BASELINE} time / method time. GB/s: input bytes (one read) / median time;"
+        f" % stream: of '{select.STREAM}'. Peak extra: memory beyond the inputs, outputs included."
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": harness.describe_device(device), "quick": args.quick,
-                       "rows": [r.as_dict() for r in rows]}, f, indent=2)
+            json.dump(
+                {"device": harness.describe_device(device), "quick": args.quick, "rows": [r.as_dict() for r in rows]},
+                f,
+                indent=2,
+            )
         print(f"wrote {args.json}")
     return 0
 
@@ -33,12 +38,18 @@ def _bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="koopfast", description="Fast pruning criteria for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="time koopfast's kernels against the PyTorch way, print a table",
-                           description="Micro-benchmarks: koopfast against what a PyTorch user would write, "
-                                       "same inputs, results checked before timing.")
+    bench = sub.add_parser(
+        "bench",
+        help="time koopfast's kernels against the PyTorch way, print a table",
+        description="Micro-benchmarks: koopfast against what a PyTorch user would write, "
+        "same inputs, results checked before timing.",
+    )
     bench.add_argument("--quick", action="store_true", help="small sizes only (CI): N up to 10^7")
-    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="cpu or cuda (default: cuda if available)")
+    bench.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default: cuda if available)",
+    )
     bench.add_argument("--repeat", type=int, default=None, help="timed runs per method (default: 7, 3 for slow ones)")
     bench.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     bench.set_defaults(func=_bench)

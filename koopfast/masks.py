@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -21,8 +20,8 @@ from koopfast._types import BINARY_SCORES, UNARY_SCORES, ScoreBy
 
 __all__ = ["global_topk", "keep_count", "layerwise_topk"]
 
-Operand = Union[Tensor, tuple[Tensor, Tensor]]
-Scores = Union[Mapping[str, Operand], Sequence[Operand]]
+Operand = Tensor | tuple[Tensor, Tensor]
+Scores = Mapping[str, Operand] | Sequence[Operand]
 
 
 def keep_count(n: int, sparsity: float, *, fn: str = "koopfast.masks.keep_count") -> int:
@@ -49,7 +48,9 @@ class _Operands:
             self.names = [f"scores[{i}]" for i in self.keys]
             values = list(scores)
         else:
-            raise TypeError(f"{fn}: expected scores to be a dict of tensors or a list of tensors, got {type(scores).__name__}")
+            raise TypeError(
+                f"{fn}: expected scores to be a dict of tensors or a list of tensors, got {type(scores).__name__}"
+            )
         if not values:
             raise ValueError(f"{fn}: expected at least one score tensor, got none")
         self.is_mapping = isinstance(scores, Mapping)
@@ -60,7 +61,9 @@ class _Operands:
         for name, v in zip(self.names, values):
             if binary:
                 if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(t, Tensor) for t in v)):
-                    raise TypeError(f"{fn}: expected {name!r} to be a pair of tensors (a, b) for by={by!r}, got {type(v).__name__}")
+                    raise TypeError(
+                        f"{fn}: expected {name!r} to be a pair of tensors (a, b) for by={by!r}, got {type(v).__name__}"
+                    )
                 self.a.append(v[0].detach())
                 self.b.append(v[1].detach())
             else:
@@ -71,6 +74,7 @@ class _Operands:
 
     def rename(self, exc: Exception) -> Exception:
         """The op's error with a[i] / b[i] replaced by the caller's names."""
+
         def name(m: re.Match) -> str:
             i = int(m.group(2))
             suffix = "" if m.group(1) == "a" else " (second operand)"
@@ -167,7 +171,9 @@ def layerwise_topk(scores: Scores, sparsity: float | Mapping[str, float], *, by:
 
 def _resolve_keep(n: int, sparsity: float | None, keep: int | None, fn: str) -> int:
     if (sparsity is None) == (keep is None):
-        raise ValueError(f"{fn}: expected exactly one of sparsity and keep, got {'both' if keep is not None else 'neither'}")
+        raise ValueError(
+            f"{fn}: expected exactly one of sparsity and keep, got {'both' if keep is not None else 'neither'}"
+        )
     if sparsity is not None:
         return keep_count(n, sparsity, fn=fn)
     if isinstance(keep, bool) or not isinstance(keep, int):

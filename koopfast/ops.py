@@ -58,7 +58,9 @@ def _select_threshold_fake(a, b, score, k):
     return threshold, stats
 
 
-def topk_mask(a: Sequence[Tensor], b: Sequence[Tensor], score: ScoreBy, threshold: Tensor, stats: Tensor) -> list[Tensor]:
+def topk_mask(
+    a: Sequence[Tensor], b: Sequence[Tensor], score: ScoreBy, threshold: Tensor, stats: Tensor
+) -> list[Tensor]:
     """Bool masks of the top k scores, given ``select_threshold(a, b, score, k)``'s outputs.
 
     ``mask[i]`` has ``a[i]``'s shape (contiguous, on a's device) and is True where the score

@@ -15,11 +15,18 @@ import koopfast as kf
 
 def _select_samples(device: str) -> list[tuple]:
     g = torch.Generator().manual_seed(1)
-    a = [torch.randn(7, 5, generator=g).to(device), torch.randn(3, generator=g).to(device),
-         torch.randn(4, 6, generator=g).to(device).t()]
+    a = [
+        torch.randn(7, 5, generator=g).to(device),
+        torch.randn(3, generator=g).to(device),
+        torch.randn(4, 6, generator=g).to(device).t(),
+    ]
     b = [torch.randn(x.shape, generator=g).to(device) for x in a]
-    return [(a, [], "abs", 10), (a, b, "abs_product", 1), ([a[0].double()], [], "value", 35),
-            ([a[1].half(), a[0].bfloat16()], [b[1].half(), b[0].bfloat16()], "square_times_abs", 3)]
+    return [
+        (a, [], "abs", 10),
+        (a, b, "abs_product", 1),
+        ([a[0].double()], [], "value", 35),
+        ([a[1].half(), a[0].bfloat16()], [b[1].half(), b[0].bfloat16()], "square_times_abs", 3),
+    ]
 
 
 def _mask_samples(device: str) -> list[tuple]:

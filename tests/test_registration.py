@@ -9,6 +9,7 @@ import torch
 
 import koopfast as kf
 from koopfast import _loader
+
 from op_samples import SAMPLES
 
 

@@ -36,7 +36,7 @@ namespace {
 constexpr int kDigitWidth = 16;                        // at most 2^16 bins per pass
 constexpr int kSmallDigitWidth = 8;                    // for inputs too small to amortize 2^16 bins
 constexpr int64_t kSmallInput = int64_t{1} << 18;
-constexpr int64_t kSampleMinInput = int64_t{1} << 20;  // below this, no sampling
+constexpr int64_t kSampleMinInput = int64_t{1} << 18;  // below this, no sampling
 constexpr int64_t kSampleSize = 8192;
 
 std::vector<int64_t> numels_of(const SelectInputs& in) {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -36,9 +37,9 @@ class Row:
     min_ms: float
     bytes_moved: int
     peak_extra_mb: float | None
-    ratio: float | None = None          # baseline time / this time (> 1: faster than baseline)
+    ratio: float | None = None  # baseline time / this time (> 1: faster than baseline)
     baseline: str = ""
-    gbps: float | None = None           # bytes_moved / median time
+    gbps: float | None = None  # bytes_moved / median time
     stream_fraction: float | None = None  # gbps / measured streaming-read bandwidth
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -82,10 +83,8 @@ def _proc_status_kib(key: str) -> int:
 def _release_free_heap() -> None:
     """Return freed heap pages to the OS (glibc), so that the next allocations count in VmHWM
     instead of silently reusing pages that are already resident."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: measure without trimming
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:

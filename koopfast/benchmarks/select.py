@@ -90,9 +90,19 @@ def run(device: torch.device, *, quick: bool = False, repeat: int | None = None)
             slow = method in (BASELINE, "torch.topk(cat)") and case.n >= 10**8
             t = time_fn(fn, device, repeat=repeat or (3 if slow else 7))
             peak = peak_extra_bytes(fn, device)
-            rows.append(Row(family="select", case=case.name, method=method, n=case.n, device=device.type,
-                            median_ms=t.median_s * 1e3, min_ms=t.min_s * 1e3, bytes_moved=input_bytes,
-                            peak_extra_mb=None if peak is None else peak / 2**20,
-                            extra={"peak_extra_fraction_of_input": None if peak is None else peak / input_bytes}))
+            rows.append(
+                Row(
+                    family="select",
+                    case=case.name,
+                    method=method,
+                    n=case.n,
+                    device=device.type,
+                    median_ms=t.median_s * 1e3,
+                    min_ms=t.min_s * 1e3,
+                    bytes_moved=input_bytes,
+                    peak_extra_mb=None if peak is None else peak / 2**20,
+                    extra={"peak_extra_fraction_of_input": None if peak is None else peak / input_bytes},
+                )
+            )
         del xs, fns
     return fill_ratios(rows, BASELINE, STREAM)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import koopfast as kf
+
 from conftest import DEVICES
 
 
@@ -43,8 +44,12 @@ def test_scores_computed_in_the_kernel_equal_materialised_scores(device):
     params = model_scores(device)
     grads = {n: torch.randn_like(p) for n, p in params.items()}
     pairs = {n: (params[n], grads[n]) for n in params}
-    for by, materialise in [("abs", lambda p, g: p.abs()), ("abs_product", lambda p, g: (p * g).abs()),
-                            ("product", lambda p, g: p * g), ("square_times_abs", lambda p, g: p * p * g.abs())]:
+    for by, materialise in [
+        ("abs", lambda p, g: p.abs()),
+        ("abs_product", lambda p, g: (p * g).abs()),
+        ("product", lambda p, g: p * g),
+        ("square_times_abs", lambda p, g: p * p * g.abs()),
+    ]:
         fused = kf.masks.global_topk(pairs if by != "abs" else params, 0.8, by=by)
         direct = kf.masks.global_topk({n: materialise(params[n], grads[n]) for n in params}, 0.8)
         assert all(torch.equal(fused[n], direct[n]) for n in params), by
@@ -82,12 +87,16 @@ def test_layerwise_keeps_round_of_one_minus_sparsity_per_tensor(device):
 
 
 def test_layerwise_handles_empty_tensors(device):
-    masks = kf.masks.layerwise_topk({"empty": torch.ones(0, 3, device=device), "x": torch.arange(4.0, device=device)}, 0.5)
+    masks = kf.masks.layerwise_topk(
+        {"empty": torch.ones(0, 3, device=device), "x": torch.arange(4.0, device=device)}, 0.5
+    )
     assert masks["empty"].shape == (0, 3) and masks["x"].tolist() == [False, False, True, True]
 
 
 @settings(max_examples=40, deadline=None)
-@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=5), sparsity=st.floats(0, 0.999), levels=st.integers(1, 4))
+@given(
+    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=5), sparsity=st.floats(0, 0.999), levels=st.integers(1, 4)
+)
 def test_property_global_counts_and_order(sizes, sparsity, levels):
     if sum(sizes) == 0:
         return
@@ -115,7 +124,9 @@ def test_errors(device):
         kf.masks.global_topk(scores, 0.5, keep=3)
     with pytest.raises(ValueError, match=rf"{fn}: expected exactly one of sparsity and keep, got neither"):
         kf.masks.global_topk(scores)
-    with pytest.raises(ValueError, match=rf"{fn}: expected keep in \[0, 954\] \(the number of score elements\), got 1000"):
+    with pytest.raises(
+        ValueError, match=rf"{fn}: expected keep in \[0, 954\] \(the number of score elements\), got 1000"
+    ):
         kf.masks.global_topk(scores, keep=1000)
     with pytest.raises(ValueError, match=rf"{fn}: expected at least one score tensor, got none"):
         kf.masks.global_topk({}, 0.5)
@@ -123,20 +134,31 @@ def test_errors(device):
         kf.masks.global_topk({"x": torch.ones(0, device=device)}, 0.5)
     with pytest.raises(ValueError, match=rf"{fn}: expected by to be one of"):
         kf.masks.global_topk(scores, 0.5, by="l2")
-    with pytest.raises(TypeError, match=rf"{fn}: expected 'conv.weight' to be a pair of tensors \(a, b\) for by='abs_product'"):
+    with pytest.raises(
+        TypeError, match=rf"{fn}: expected 'conv.weight' to be a pair of tensors \(a, b\) for by='abs_product'"
+    ):
         kf.masks.global_topk(scores, 0.5, by="abs_product")
-    with pytest.raises(TypeError, match=rf"{fn}: expected scores to be a dict of tensors or a list of tensors, got Tensor"):
+    with pytest.raises(
+        TypeError, match=rf"{fn}: expected scores to be a dict of tensors or a list of tensors, got Tensor"
+    ):
         kf.masks.global_topk(torch.ones(3), 0.5)
     bad = dict(scores, **{"fc.bias": torch.tensor([1.0, float("nan")] * 5, device=device)})
     with pytest.raises(ValueError, match=rf"{fn}: expected scores without NaN, got NaN in 'fc.bias'"):
         kf.masks.global_topk(bad, 0.5)
     ints = dict(scores, mask=torch.ones(3, dtype=torch.long, device=device))
-    with pytest.raises(TypeError, match=rf"{fn}: expected 'mask' to be float16, bfloat16, float32 or float64, got Long"):
+    with pytest.raises(
+        TypeError, match=rf"{fn}: expected 'mask' to be float16, bfloat16, float32 or float64, got Long"
+    ):
         kf.masks.global_topk(ints, 0.5)
     pairs = {"w": (torch.ones(3, device=device), torch.ones(4, device=device))}
-    with pytest.raises(ValueError, match=rf"{fn}: expected 'w' \(second operand\) to have the shape of 'w' \[3\], got \[4\]"):
+    with pytest.raises(
+        ValueError, match=rf"{fn}: expected 'w' \(second operand\) to have the shape of 'w' \[3\], got \[4\]"
+    ):
         kf.masks.global_topk(pairs, 0.5, by="product")
-    with pytest.raises(ValueError, match=r"koopfast.masks.layerwise_topk: expected sparsity keys among the score names, got unknown \['nope'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"koopfast.masks.layerwise_topk: expected sparsity keys among the score names, got unknown \['nope'\]",
+    ):
         kf.masks.layerwise_topk(scores, {"nope": 0.5})
     with pytest.raises(ValueError, match=r"koopfast.masks.layerwise_topk: expected sparsity in \[0, 1\), got 2"):
         kf.masks.layerwise_topk(scores, 2)

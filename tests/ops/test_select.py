@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import koopfast as kf
-from conftest import DEVICES
 from koopfast import reference
+
+from conftest import DEVICES
 
 SCORES = ["value", "abs", "product", "abs_product", "square_times_abs"]
 BINARY = {"product", "abs_product", "square_times_abs"}
@@ -66,14 +67,18 @@ def test_non_contiguous_operands(device):
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(6, 40, 9, generator=gen).to(device)
     other = torch.randn(9, 40, 6, generator=gen).to(device)
-    a = [base.transpose(0, 2),                       # permuted
-         base[:, ::3, 1:],                            # sliced with steps
-         torch.randn(1, 7, generator=gen).to(device).expand(5, 7),  # stride 0
-         torch.randn(2, 3, 4, 5, generator=gen).to(device).to(memory_format=torch.channels_last)]
-    b = [other,                                      # contiguous partner of a permuted a
-         other.transpose(0, 2)[:, ::3, 1:],
-         torch.randn(5, 7, generator=gen).to(device),
-         torch.randn(2, 3, 4, 5, generator=gen).to(device).transpose(1, 3).contiguous().transpose(1, 3)]
+    a = [
+        base.transpose(0, 2),  # permuted
+        base[:, ::3, 1:],  # sliced with steps
+        torch.randn(1, 7, generator=gen).to(device).expand(5, 7),  # stride 0
+        torch.randn(2, 3, 4, 5, generator=gen).to(device).to(memory_format=torch.channels_last),
+    ]
+    b = [
+        other,  # contiguous partner of a permuted a
+        other.transpose(0, 2)[:, ::3, 1:],
+        torch.randn(5, 7, generator=gen).to(device),
+        torch.randn(2, 3, 4, 5, generator=gen).to(device).transpose(1, 3).contiguous().transpose(1, 3),
+    ]
     n = sum(x.numel() for x in a)
     for score in SCORES:
         for k in (1, n // 4, n):
@@ -97,7 +102,11 @@ def test_heavy_ties_zeros_and_infinities(device, score):
 
 
 def test_all_equal_scores_keep_the_first_in_order(device):
-    a = [torch.full((5, 4), 0.5, device=device), torch.full((3,), -0.5, device=device), torch.full((9,), 0.5, device=device)]
+    a = [
+        torch.full((5, 4), 0.5, device=device),
+        torch.full((3,), -0.5, device=device),
+        torch.full((9,), 0.5, device=device),
+    ]
     threshold, stats = kf.ops.select_threshold(a, [], "abs", 22)
     assert threshold.item() == 0.5 and stats.tolist() == [0, 32, 22, -1]
     masks = kf.ops.topk_mask(a, [], "abs", threshold, stats)
@@ -116,8 +125,11 @@ def test_negative_and_positive_zero_are_one_value(device):
 
 
 def test_nan_reports_the_first_tensor_holding_one(device):
-    a = [torch.ones(4, device=device), torch.tensor([1.0, float("nan")], device=device),
-         torch.tensor([float("nan")], device=device)]
+    a = [
+        torch.ones(4, device=device),
+        torch.tensor([1.0, float("nan")], device=device),
+        torch.tensor([float("nan")], device=device),
+    ]
     threshold, stats = kf.ops.select_threshold(a, [], "abs", 2)
     assert torch.isnan(threshold).item() and int(stats[3]) == 1
     # NaN produced by the score itself: inf * 0
@@ -127,7 +139,11 @@ def test_nan_reports_the_first_tensor_holding_one(device):
 
 
 def test_mixed_dtypes_compute_in_float64_when_any_is_float64(device):
-    a = [torch.randn(100, device=device), torch.randn(50, device=device).double(), torch.randn(30, device=device).half()]
+    a = [
+        torch.randn(100, device=device),
+        torch.randn(50, device=device).double(),
+        torch.randn(30, device=device).half(),
+    ]
     threshold, _ = kf.ops.select_threshold(a, [], "abs", 40)
     assert threshold.dtype == torch.float64
     check_against_reference(a, [], "abs", 40)
@@ -143,7 +159,9 @@ def test_results_do_not_depend_on_the_thread_count():
         for t in (1, 2, 3):
             torch.set_num_threads(t)
             thr, stats = kf.ops.select_threshold(a, [], "value", n // 2)
-            results.append((thr.item(), stats.tolist(), [m.clone() for m in kf.ops.topk_mask(a, [], "value", thr, stats)]))
+            results.append(
+                (thr.item(), stats.tolist(), [m.clone() for m in kf.ops.topk_mask(a, [], "value", thr, stats)])
+            )
     finally:
         torch.set_num_threads(threads)
     for r in results[1:]:
@@ -159,10 +177,25 @@ def test_property_random_lists(data):
     shapes = [tuple(data.draw(st.lists(st.integers(0, 9), min_size=0, max_size=3))) for _ in range(n_tensors)]
     dtype = data.draw(st.sampled_from(DTYPES))
     score = data.draw(st.sampled_from(SCORES))
-    values = st.one_of(st.sampled_from([0.0, -0.0, 1.0, -2.0, 0.5, float("inf"), float("-inf")]),
-                       st.floats(-1e3, 1e3, width=16))
-    a = [torch.tensor(data.draw(st.lists(values, min_size=_numel(s), max_size=_numel(s))), dtype=torch.float64).reshape(s).to(dtype) for s in shapes]
-    b = [torch.tensor(data.draw(st.lists(values, min_size=_numel(s), max_size=_numel(s))), dtype=torch.float64).reshape(s).to(dtype) for s in shapes] if score in BINARY else []
+    values = st.one_of(
+        st.sampled_from([0.0, -0.0, 1.0, -2.0, 0.5, float("inf"), float("-inf")]), st.floats(-1e3, 1e3, width=16)
+    )
+    a = [
+        torch.tensor(data.draw(st.lists(values, min_size=_numel(s), max_size=_numel(s))), dtype=torch.float64)
+        .reshape(s)
+        .to(dtype)
+        for s in shapes
+    ]
+    b = (
+        [
+            torch.tensor(data.draw(st.lists(values, min_size=_numel(s), max_size=_numel(s))), dtype=torch.float64)
+            .reshape(s)
+            .to(dtype)
+            for s in shapes
+        ]
+        if score in BINARY
+        else []
+    )
     n = sum(x.numel() for x in a)
     if n == 0:
         return
@@ -190,7 +223,9 @@ def test_compiles_fullgraph(device):
     x, y, g = torch.randn(20, device=device), torch.randn(12, device=device), torch.randn(20, device=device)
     g = g[: x.shape[0]]
     masks = top(x, y, g)
-    eager = kf.ops.topk_mask([x, y], [g, g[:12]], "abs_product", *kf.ops.select_threshold([x, y], [g, g[:12]], "abs_product", 9))
+    eager = kf.ops.topk_mask(
+        [x, y], [g, g[:12]], "abs_product", *kf.ops.select_threshold([x, y], [g, g[:12]], "abs_product", 9)
+    )
     assert all(torch.equal(m, e) for m, e in zip(masks, eager))
 
 
@@ -199,7 +234,9 @@ def test_compiles_fullgraph(device):
 
 def test_errors_name_the_op_the_argument_and_what_came(device):
     x = torch.randn(4, device=device)
-    with pytest.raises(ValueError, match=r"select_threshold: expected a to be a non-empty list of tensors, got an empty list"):
+    with pytest.raises(
+        ValueError, match=r"select_threshold: expected a to be a non-empty list of tensors, got an empty list"
+    ):
         kf.ops.select_threshold([], [], "abs", 1)
     with pytest.raises(ValueError, match=r"expected score to be one of .*got 'magnitude'"):
         kf.ops.select_threshold([x], [], "magnitude", 1)
@@ -211,7 +248,9 @@ def test_errors_name_the_op_the_argument_and_what_came(device):
         kf.ops.select_threshold([x[:0]], [], "abs", 1)
     with pytest.raises(TypeError, match=r"expected a\[0\] to be float16, bfloat16, float32 or float64, got Long"):
         kf.ops.select_threshold([torch.ones(3, dtype=torch.long, device=device)], [], "abs", 1)
-    with pytest.raises(ValueError, match=r"expected b to hold one tensor per tensor of a \(1\) for score 'product', got 0"):
+    with pytest.raises(
+        ValueError, match=r"expected b to hold one tensor per tensor of a \(1\) for score 'product', got 0"
+    ):
         kf.ops.select_threshold([x], [], "product", 1)
     with pytest.raises(ValueError, match=r"expected b to be empty for the unary score 'abs', got 1 tensors"):
         kf.ops.select_threshold([x], [x], "abs", 1)

@@ -8,7 +8,7 @@ import torch
 import koopfast as kf
 from koopfast import reference
 
-SAMPLED = 1 << 21  # above the CPU select's sampling threshold (2^20)
+SAMPLED = 1 << 21  # well above the CPU select's sampling threshold (2^18)
 SAMPLE_SIZE = 8192
 
 

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Sets up .venv and builds koopfast into it (editable), from a fresh clone, idempotently.
+#
+# torch: reused from the interpreter if it has one (the GPU machines have torch and no network),
+# else torch 2.13.0 is installed. Build and test tools are installed only where missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if "$PYTHON" -c "import torch" 2>/dev/null; then
+    echo "setup: reusing torch $("$PYTHON" -c 'import torch; print(torch.__version__)') from $(command -v "$PYTHON")"
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+  else
+    "$PYTHON" -m venv "$VENV"
+  fi
+fi
+PY="$VENV/bin/python"
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "setup: installing torch 2.13.0"
+  "$PY" -m pip install -q torch==2.13.0
+fi
+
+missing=$("$PY" - <<'PYEOF'
+import importlib.util
+import shutil
+need = {"scikit_build_core": "scikit-build-core", "pybind11": "pybind11", "ninja": "ninja",
+        "numpy": "numpy", "pytest": "pytest", "pytest_benchmark": "pytest-benchmark",
+        "hypothesis": "hypothesis", "ruff": "ruff"}
+missing = [pip for mod, pip in need.items() if importlib.util.find_spec(mod) is None]
+# CMake >= 3.26 is needed (C++20 for CUDA); the PyPI package provides it where the system's is older.
+if importlib.util.find_spec("cmake") is None:
+    missing.append("cmake>=3.26")
+print(" ".join(missing))
+PYEOF
+)
+if [ -n "$missing" ]; then
+  echo "setup: installing $missing"
+  # shellcheck disable=SC2086
+  "$PY" -m pip install -q $missing
+fi
+
+echo "setup: building koopfast"
+"$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "^$" || true
+"$PY" -c "import koopfast; print('setup: koopfast', koopfast.__version__, koopfast.build_info())"
