@@ -16,21 +16,26 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
   fi
 fi
-PY="$VENV/bin/python"
+PY="$PWD/$VENV/bin/python"
 if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "setup: installing torch 2.13.0"
   "$PY" -m pip install -q torch==2.13.0
 fi
 
-missing=$("$PY" - <<'PYEOF'
+# (run from / so that the checkout's own folders, such as cmake/, are not taken for packages)
+missing=$(cd / && "$PY" - <<'PYEOF'
+import importlib.metadata
 import importlib.util
-import shutil
 need = {"scikit_build_core": "scikit-build-core", "pybind11": "pybind11", "ninja": "ninja",
         "numpy": "numpy", "pytest": "pytest", "pytest_benchmark": "pytest-benchmark",
         "hypothesis": "hypothesis", "ruff": "ruff"}
 missing = [pip for mod, pip in need.items() if importlib.util.find_spec(mod) is None]
 # CMake >= 3.26 is needed (C++20 for CUDA); the PyPI package provides it where the system's is older.
-if importlib.util.find_spec("cmake") is None:
+try:
+    major, minor = (int(x) for x in importlib.metadata.version("cmake").split(".")[:2])
+    if (major, minor) < (3, 26):
+        missing.append("cmake>=3.26")
+except importlib.metadata.PackageNotFoundError:
     missing.append("cmake>=3.26")
 print(" ".join(missing))
 PYEOF
@@ -42,5 +47,5 @@ if [ -n "$missing" ]; then
 fi
 
 echo "setup: building koopfast"
-"$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "^$" || true
-"$PY" -c "import koopfast; print('setup: koopfast', koopfast.__version__, koopfast.build_info())"
+"$PY" -m pip install -q --no-build-isolation --no-deps -e .
+(cd / && "$PY" -c "import koopfast; print('setup: koopfast', koopfast.__version__, koopfast.build_info())")
