@@ -1,0 +1,7 @@
+"""Pruning criteria: each returns ``dict[name, Tensor]`` of scores shaped like the parameters,
+higher = keep, ready for :func:`koopfast.masks.global_topk`.
+"""
+
+from koopfast.criteria.magnitude import magnitude
+
+__all__ = ["magnitude"]
