@@ -29,6 +29,20 @@ TORCH_LIBRARY(koopfast, m) {
   // Bool masks shaped like a: score > threshold, plus the first `ties kept` scores equal to it in
   // (tensor, flat index) order, so exactly k are True overall.
   m.def("topk_mask(Tensor[] a, Tensor[] b, str score, Tensor threshold, Tensor stats) -> Tensor[]");
+
+  // ---- parameter trajectories (csrc/trajectory; contract in trajectory.h) ----
+  // snapshots: [capacity, N] float32/bfloat16/float16; anchor: optional float32 [N] (rows are
+  // deltas against it). Writes round(θ - anchor) into row `slot` unless a value is not finite;
+  // dots (float64): with each row of dot_slots, then with itself, then with the anchor.
+  // status: int64[1], -1 or the index of the first tensor of params with a non-finite value.
+  m.def(
+      "trajectory_ingest(Tensor[] params, Tensor(a!) snapshots, int slot, int[] dot_slots, Tensor? anchor)"
+      " -> (Tensor dots, Tensor status)");
+  // sum_t coeffs[t, j] * (anchor + snapshots[t]) for each column j: [m, N]; float32 (complex64 for
+  // complex coefficients), or float64 (complex128) if wide. Accumulated in float64.
+  m.def("trajectory_combine(Tensor snapshots, Tensor coeffs, Tensor? anchor, bool wide=False) -> Tensor");
+  // float64 [capacity (+1 with an anchor), m]: <snapshots[t], vectors[j]>, and <anchor, vectors[j]>.
+  m.def("trajectory_dots(Tensor snapshots, Tensor vectors, Tensor? anchor) -> Tensor");
 }
 
 namespace {

@@ -15,7 +15,14 @@ from torch import Tensor
 
 from koopfast._types import ScoreBy
 
-__all__ = ["NUM_SELECT_STATS", "select_threshold", "topk_mask"]
+__all__ = [
+    "NUM_SELECT_STATS",
+    "select_threshold",
+    "topk_mask",
+    "trajectory_combine",
+    "trajectory_dots",
+    "trajectory_ingest",
+]
 
 # Layout of the int64 `stats` tensor returned by select_threshold.
 NUM_SELECT_STATS = 4
@@ -73,3 +80,79 @@ def topk_mask(
 @torch.library.register_fake("koopfast::topk_mask")
 def _topk_mask_fake(a, b, score, threshold, stats):
     return [torch.empty_like(t, dtype=torch.bool, memory_format=torch.contiguous_format) for t in a]
+
+
+# ---- parameter trajectories ------------------------------------------------------------------------
+
+INGEST_SELF_DOT, INGEST_ANCHOR_DOT = 0, 1  # positions after the dot_slots entries
+
+
+def trajectory_ingest(
+    params: Sequence[Tensor], snapshots: Tensor, slot: int, dot_slots: Sequence[int], anchor: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Writes one snapshot of ``params`` into ``snapshots[slot]`` and returns its Gram row.
+
+    Args:
+        params: tensors (any float dtype, shapes and strides) on the buffer's device, holding N
+            elements in all, flattened in list order.
+        snapshots: [capacity, N] float32/bfloat16/float16, contiguous; row ``slot`` is overwritten
+            with round(θ - anchor) (the difference in float64, rounded through float32).
+        slot: row to write. dot_slots: rows to take inner products with (not ``slot``).
+        anchor: optional float32 [N]: rows hold deltas against it.
+
+    Returns:
+        ``dots``: float64 [len(dot_slots) + 2]: <new row, snapshots[s]> for s in dot_slots, then
+        <new row, new row>, then <anchor, new row> (0 without anchor). ``status``: int64 [1], -1, or
+        the index of the first tensor of params holding a NaN/Inf (or a value beyond the storage
+        dtype's range), in which case nothing was written and dots are 0.
+    """
+    return torch.ops.koopfast.trajectory_ingest.default(list(params), snapshots, slot, list(dot_slots), anchor)
+
+
+@torch.library.register_fake("koopfast::trajectory_ingest")
+def _trajectory_ingest_fake(params, snapshots, slot, dot_slots, anchor):
+    dots = snapshots.new_empty((len(dot_slots) + 2,), dtype=torch.float64)
+    return dots, snapshots.new_empty((1,), dtype=torch.int64)
+
+
+def trajectory_combine(snapshots: Tensor, coeffs: Tensor, anchor: Tensor | None, wide: bool = False) -> Tensor:
+    """Weighted sums of snapshot rows: ``out[j] = sum_t coeffs[t, j] * (anchor + snapshots[t])``.
+
+    Args:
+        snapshots: [capacity, N] float32/bfloat16/float16. coeffs: [capacity, m] float64 or
+            complex128 on the same device (rows of zeros are not read). anchor: optional float32 [N].
+        wide: float64/complex128 output instead of float32/complex64.
+
+    Returns:
+        [m, N], accumulated in float64, real or complex like ``coeffs``, on the buffer's device.
+    """
+    return torch.ops.koopfast.trajectory_combine.default(snapshots, coeffs, anchor, wide)
+
+
+@torch.library.register_fake("koopfast::trajectory_combine")
+def _trajectory_combine_fake(snapshots, coeffs, anchor, wide=False):
+    if coeffs.is_complex():
+        dtype = torch.complex128 if wide else torch.complex64
+    else:
+        dtype = torch.float64 if wide else torch.float32
+    return snapshots.new_empty((coeffs.shape[1], snapshots.shape[1]), dtype=dtype)
+
+
+def trajectory_dots(snapshots: Tensor, vectors: Tensor, anchor: Tensor | None) -> Tensor:
+    """Inner products of every snapshot row with every vector, accumulated in float64.
+
+    Args:
+        snapshots: [capacity, N] float32/bfloat16/float16. vectors: [m, N] float32/float64.
+        anchor: optional float32 [N].
+
+    Returns:
+        float64 [capacity, m] = <snapshots[t], vectors[j]>, with one more row <anchor, vectors[j]>
+        when an anchor is given, on the buffer's device.
+    """
+    return torch.ops.koopfast.trajectory_dots.default(snapshots, vectors, anchor)
+
+
+@torch.library.register_fake("koopfast::trajectory_dots")
+def _trajectory_dots_fake(snapshots, vectors, anchor):
+    rows = snapshots.shape[0] + (1 if anchor is not None else 0)
+    return snapshots.new_empty((rows, vectors.shape[0]), dtype=torch.float64)

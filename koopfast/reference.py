@@ -13,7 +13,15 @@ from torch import Tensor
 
 from koopfast.ops import NUM_SELECT_STATS, _compute_dtype
 
-__all__ = ["scores_of", "select_threshold", "topk_mask"]
+__all__ = [
+    "scores_of",
+    "select_threshold",
+    "stored_values",
+    "topk_mask",
+    "trajectory_combine",
+    "trajectory_dots",
+    "trajectory_ingest",
+]
 
 
 def scores_of(a: Sequence[Tensor], b: Sequence[Tensor], score: str) -> list[Tensor]:
@@ -65,3 +73,49 @@ def topk_mask(a: Sequence[Tensor], b: Sequence[Tensor], score: str, threshold: T
         masks.append(((s > threshold) | (eq & (rank <= ties_left))).reshape(x.shape))
         ties_left = max(ties_left - int(eq.sum()), 0)
     return masks
+
+
+# ---- parameter trajectories ------------------------------------------------------------------------
+
+
+def stored_values(params: Sequence[Tensor], storage: torch.dtype, anchor: Tensor | None) -> Tensor:
+    """The row trajectory_ingest stores: round(θ - anchor), difference in float64, through float32."""
+    flat = torch.cat([p.reshape(-1).to(torch.float64) for p in params])
+    if anchor is not None:
+        flat = flat - anchor.to(torch.float64)
+    return flat.to(torch.float32).to(storage)
+
+
+def trajectory_ingest(params, snapshots, slot, dot_slots, anchor):
+    stored = stored_values(params, snapshots.dtype, anchor)
+    status = torch.full((1,), -1, dtype=torch.int64, device=snapshots.device)
+    start = 0
+    for i, p in enumerate(params):
+        segment = stored[start : start + p.numel()].to(torch.float64)
+        start += p.numel()
+        if not (bool(torch.isfinite(p.to(torch.float64)).all()) and bool(torch.isfinite(segment).all())):
+            status[0] = i
+            return torch.zeros(len(dot_slots) + 2, dtype=torch.float64, device=snapshots.device), status
+    row = stored.to(torch.float64)
+    dots = [torch.dot(row, snapshots[s].to(torch.float64)) for s in dot_slots]
+    dots.append(torch.dot(row, row))
+    dots.append(torch.dot(row, anchor.to(torch.float64)) if anchor is not None else row.new_zeros(()))
+    snapshots[slot] = stored
+    return torch.stack(dots), status
+
+
+def trajectory_combine(snapshots, coeffs, anchor, wide=False):
+    full = snapshots.to(torch.float64)
+    if anchor is not None:
+        full = full + anchor.to(torch.float64)
+    out = coeffs.transpose(0, 1) @ full.to(coeffs.dtype)
+    if coeffs.is_complex():
+        return out.to(torch.complex128 if wide else torch.complex64)
+    return out.to(torch.float64 if wide else torch.float32)
+
+
+def trajectory_dots(snapshots, vectors, anchor):
+    rows = snapshots.to(torch.float64)
+    if anchor is not None:
+        rows = torch.cat([rows, anchor.to(torch.float64)[None]])
+    return rows @ vectors.to(torch.float64).transpose(0, 1)

@@ -2,6 +2,7 @@
 higher = keep, ready for :func:`koopfast.masks.global_topk`.
 """
 
+from koopfast.criteria.koopman import KoopmanScores, koopman_gradient, koopman_magnitude
 from koopfast.criteria.magnitude import magnitude
 
-__all__ = ["magnitude"]
+__all__ = ["KoopmanScores", "koopman_gradient", "koopman_magnitude", "magnitude"]

@@ -1,0 +1,278 @@
+// CPU backend of the trajectory ops (contract in trajectory.h). All three are bandwidth-bound
+// passes over the snapshot buffer; dot products use dot_f64's eight partial sums (vectorized)
+// and per-chunk partials added in chunk order (thread-count independent).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/view_as_real.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <complex>
+#include <limits>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/chunks.h"
+#include "common/cpu_loops.h"
+#include "common/cpu_reduce.h"
+#include "common/views.h"
+#include "trajectory/trajectory.h"
+#include "trajectory/trajectory_args.h"
+
+namespace koopfast {
+namespace {
+
+constexpr int64_t kBlock = 1024;  // elements per inner block: a few KB of float64, L1-resident
+
+std::vector<int64_t> numels_of(const std::vector<TensorView>& views) {
+  std::vector<int64_t> n;
+  for (const auto& v : views) n.push_back(v.numel);
+  return n;
+}
+
+// The value stored for θ: round_S(θ - a), the difference taken in float64 and rounded through
+// float32 (as torch's double -> half/bfloat16 conversion does).
+template <class S>
+KF_INLINE S to_storage(double x, const float* anchor, int64_t i) {
+  const double v = anchor ? x - static_cast<double>(anchor[i]) : x;
+  return static_cast<S>(static_cast<float>(v));
+}
+
+// Widens `m` elements of parameter `view` starting at flat index `begin` into out[] as their
+// stored values; false if any θ or stored value is not finite.
+template <class S>
+bool load_stored(const TensorView& view, int64_t begin, int64_t m, const float* anchor, double* out) {
+  bool finite = true;
+  dispatch_float(view.dtype, [&](auto ptag) {
+    using P = typename decltype(ptag)::type;
+    const P* base = static_cast<const P*>(view.data);
+    for_each_run(view, begin, begin + m, [&](int64_t off, int64_t stride, int64_t n, int64_t flat) {
+      for (int64_t i = 0; i < n; ++i) {
+        const double x = widen<double>(base[off + i * stride]);
+        const int64_t k = flat - begin + i;
+        const double s = widen<double>(to_storage<S>(x, anchor, k));
+        out[k] = s;
+        finite &= std::isfinite(x) && std::isfinite(s);
+      }
+    });
+  });
+  return finite;
+}
+
+template <class S>
+void ingest_cpu(const IngestInputs& in, S* W, const float* anchor, double* dots, int64_t* status) {
+  const auto chunks = make_chunks(numels_of(in.params), kIngestChunk);
+  const int64_t nd = static_cast<int64_t>(in.dot_slots.size());
+  const int64_t n = in.n;
+  std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
+
+  // Pass 1: check values and take the dot products of the new row, writing nothing.
+  const std::vector<double> total =
+      chunk_sums(static_cast<int64_t>(chunks.size()), nd + kNumExtraDots, [&](int64_t c, double* part) {
+        const Chunk& ch = chunks[c];
+        const int64_t base = in.offsets[ch.tensor];
+        double buf[kBlock];
+        for (int64_t b0 = ch.begin; b0 < ch.end; b0 += kBlock) {
+          const int64_t m = std::min(kBlock, ch.end - b0);
+          const float* a = anchor ? anchor + base + b0 : nullptr;
+          if (!load_stored<S>(in.params[ch.tensor], b0, m, a, buf)) {
+            int64_t cur = bad.load();
+            while (ch.tensor < cur && !bad.compare_exchange_weak(cur, ch.tensor)) {
+            }
+            return;
+          }
+          for (int64_t j = 0; j < nd; ++j) part[j] += dot_f64(buf, W + in.dot_slots[j] * n + base + b0, m);
+          part[nd + kSelfDot] += dot_f64(buf, buf, m);
+          if (a) part[nd + kAnchorDot] += dot_f64(buf, a, m);
+        }
+      });
+  if (bad.load() != std::numeric_limits<int64_t>::max()) {
+    *status = bad.load();
+    std::fill(dots, dots + nd + kNumExtraDots, 0.0);
+    return;
+  }
+  // Pass 2: write the row.
+  S* row = W + in.slot * n;
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const Chunk& ch = chunks[c];
+      const int64_t base = in.offsets[ch.tensor];
+      const TensorView& view = in.params[ch.tensor];
+      dispatch_float(view.dtype, [&](auto ptag) {
+        using P = typename decltype(ptag)::type;
+        const P* p = static_cast<const P*>(view.data);
+        for_each_run(view, ch.begin, ch.end, [&](int64_t off, int64_t stride, int64_t cnt, int64_t flat) {
+          for (int64_t i = 0; i < cnt; ++i) {
+            row[base + flat + i] = to_storage<S>(widen<double>(p[off + i * stride]), anchor, base + flat + i);
+          }
+        });
+      });
+    }
+  });
+  std::copy(total.begin(), total.end(), dots);
+  *status = -1;
+}
+
+std::tuple<at::Tensor, at::Tensor> trajectory_ingest_cpu(at::TensorList params, at::Tensor& snapshots, int64_t slot,
+                                                         at::IntArrayRef dot_slots,
+                                                         const c10::optional<at::Tensor>& anchor) {
+  constexpr const char* op = "trajectory_ingest";
+  const IngestInputs in = prepare_ingest(op, params, snapshots, slot, dot_slots, anchor);
+  auto dots = at::empty({static_cast<int64_t>(in.dot_slots.size()) + kNumExtraDots},
+                        snapshots.options().dtype(c10::kDouble));
+  auto status = at::empty({1}, snapshots.options().dtype(c10::kLong));
+  const float* a = anchor.has_value() ? anchor->data_ptr<float>() : nullptr;
+  dispatch_float(to_dtype(snapshots.scalar_type(), op, "snapshots"), [&](auto stag) {
+    using S = typename decltype(stag)::type;
+    if constexpr (!std::is_same_v<S, double>) {
+      ingest_cpu<S>(in, static_cast<S*>(snapshots.data_ptr()), a, dots.data_ptr<double>(),
+                    status.data_ptr<int64_t>());
+    }
+  });
+  return {dots, status};
+}
+
+// ---- combine ----------------------------------------------------------------------------------------
+
+// out(q, n) for coefficient column q: real output [m, N] (per = 1) or complex [m, N] seen as
+// [m, N, 2] (per = 2, q = 2 j + part).
+template <class S, class O>
+void combine_cpu(const S* W, int64_t capacity, int64_t n, const double* coef, int64_t cols, int per,
+                 const float* anchor, O* out) {
+  std::vector<int64_t> rows;  // rows with a nonzero coefficient: the others are not read
+  for (int64_t t = 0; t < capacity; ++t) {
+    for (int64_t q = 0; q < cols; ++q) {
+      if (coef[t * cols + q] != 0.0) {
+        rows.push_back(t);
+        break;
+      }
+    }
+  }
+  std::vector<double> coef_sum(static_cast<size_t>(cols), 0.0);
+  for (int64_t t : rows) {
+    for (int64_t q = 0; q < cols; ++q) coef_sum[q] += coef[t * cols + q];
+  }
+  const int64_t n_blocks = (n + kCombineChunk - 1) / kCombineChunk;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t bb, int64_t be) {
+    constexpr int64_t B = 256;
+    std::vector<double> acc(static_cast<size_t>(cols * B));
+    double w[B];
+    for (int64_t blk = bb; blk < be; ++blk) {
+      const int64_t end = std::min(n, (blk + 1) * kCombineChunk);
+      for (int64_t n0 = blk * kCombineChunk; n0 < end; n0 += B) {
+        const int64_t m = std::min(B, end - n0);
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int64_t t : rows) {
+          const S* src = W + t * n + n0;
+          for (int64_t i = 0; i < m; ++i) w[i] = widen<double>(src[i]);
+          for (int64_t q = 0; q < cols; ++q) {
+            const double c = coef[t * cols + q];
+            if (c == 0.0) continue;
+            double* aq = acc.data() + q * B;
+            for (int64_t i = 0; i < m; ++i) aq[i] += c * w[i];
+          }
+        }
+        if (anchor) {
+          for (int64_t q = 0; q < cols; ++q) {
+            double* aq = acc.data() + q * B;
+            for (int64_t i = 0; i < m; ++i) aq[i] += coef_sum[q] * static_cast<double>(anchor[n0 + i]);
+          }
+        }
+        for (int64_t q = 0; q < cols; ++q) {
+          O* dst = out + (q / per) * n * per + (q % per);
+          const double* aq = acc.data() + q * B;
+          for (int64_t i = 0; i < m; ++i) dst[(n0 + i) * per] = static_cast<O>(aq[i]);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor trajectory_combine_cpu(const at::Tensor& snapshots, const at::Tensor& coeffs,
+                                  const c10::optional<at::Tensor>& anchor, bool wide) {
+  constexpr const char* op = "trajectory_combine";
+  check_snapshots(op, snapshots);
+  check_coeffs(op, coeffs, snapshots);
+  check_anchor(op, anchor, snapshots);
+  const bool complex = coeffs.is_complex();
+  const int per = complex ? 2 : 1;
+  const at::Tensor coef = (complex ? at::view_as_real(coeffs.contiguous()) : coeffs).contiguous();
+  const int64_t m = coeffs.size(1), n = snapshots.size(1), capacity = snapshots.size(0);
+  const c10::ScalarType out_type =
+      complex ? (wide ? c10::kComplexDouble : c10::kComplexFloat) : (wide ? c10::kDouble : c10::kFloat);
+  at::Tensor out = at::empty({m, n}, snapshots.options().dtype(out_type));
+  if (m == 0 || n == 0) return out;
+  const float* a = anchor.has_value() ? anchor->data_ptr<float>() : nullptr;
+  void* dst = out.data_ptr();
+  dispatch_float(to_dtype(snapshots.scalar_type(), op, "snapshots"), [&](auto stag) {
+    using S = typename decltype(stag)::type;
+    if constexpr (!std::is_same_v<S, double>) {
+      const S* W = static_cast<const S*>(snapshots.data_ptr());
+      if (wide) {
+        combine_cpu<S, double>(W, capacity, n, coef.data_ptr<double>(), m * per, per, a, static_cast<double*>(dst));
+      } else {
+        combine_cpu<S, float>(W, capacity, n, coef.data_ptr<double>(), m * per, per, a, static_cast<float*>(dst));
+      }
+    }
+  });
+  return out;
+}
+
+// ---- dots -------------------------------------------------------------------------------------------
+
+template <class S, class V>
+std::vector<double> dots_cpu(const S* W, int64_t capacity, int64_t n, const V* vec, int64_t m, const float* anchor) {
+  const int64_t rows = capacity + (anchor ? 1 : 0);
+  const int64_t n_chunks = (n + kIngestChunk - 1) / kIngestChunk;
+  return chunk_sums(n_chunks, rows * m, [&](int64_t c, double* part) {
+    const int64_t end = std::min(n, (c + 1) * kIngestChunk);
+    double v[kBlock];
+    for (int64_t n0 = c * kIngestChunk; n0 < end; n0 += kBlock) {
+      const int64_t len = std::min(kBlock, end - n0);
+      for (int64_t j = 0; j < m; ++j) {
+        for (int64_t i = 0; i < len; ++i) v[i] = static_cast<double>(vec[j * n + n0 + i]);
+        for (int64_t t = 0; t < capacity; ++t) part[t * m + j] += dot_f64(v, W + t * n + n0, len);
+        if (anchor) part[capacity * m + j] += dot_f64(v, anchor + n0, len);
+      }
+    }
+  });
+}
+
+at::Tensor trajectory_dots_cpu(const at::Tensor& snapshots, const at::Tensor& vectors,
+                               const c10::optional<at::Tensor>& anchor) {
+  constexpr const char* op = "trajectory_dots";
+  check_snapshots(op, snapshots);
+  check_vectors(op, vectors, snapshots);
+  check_anchor(op, anchor, snapshots);
+  const at::Tensor vec = vectors.contiguous();
+  const int64_t capacity = snapshots.size(0), n = snapshots.size(1), m = vectors.size(0);
+  const int64_t rows = capacity + (anchor.has_value() ? 1 : 0);
+  at::Tensor out = at::zeros({rows, m}, snapshots.options().dtype(c10::kDouble));
+  if (m == 0 || n == 0 || rows == 0) return out;
+  const float* a = anchor.has_value() ? anchor->data_ptr<float>() : nullptr;
+  dispatch_float(to_dtype(snapshots.scalar_type(), op, "snapshots"), [&](auto stag) {
+    using S = typename decltype(stag)::type;
+    if constexpr (!std::is_same_v<S, double>) {
+      const S* W = static_cast<const S*>(snapshots.data_ptr());
+      const std::vector<double> total =
+          vec.scalar_type() == c10::kDouble ? dots_cpu<S, double>(W, capacity, n, vec.data_ptr<double>(), m, a)
+                                            : dots_cpu<S, float>(W, capacity, n, vec.data_ptr<float>(), m, a);
+      std::copy(total.begin(), total.end(), out.data_ptr<double>());
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(koopfast, CPU, m) {
+  m.impl("trajectory_ingest", &trajectory_ingest_cpu);
+  m.impl("trajectory_combine", &trajectory_combine_cpu);
+  m.impl("trajectory_dots", &trajectory_dots_cpu);
+}
+
+}  // namespace koopfast

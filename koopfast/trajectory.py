@@ -1,0 +1,316 @@
+"""TrajectoryRecorder: a model's parameter trajectory, one snapshot per call, with its Gram matrix.
+
+Snapshots live in one [capacity, N] buffer (float32, bfloat16 or float16; on the parameters'
+device or in host memory). Each ``record()`` writes the current parameters into a row and, in the
+same pass, takes the float64 inner products of the new snapshot with the stored ones, so the
+Gram matrix G = WᵀW of the trajectory is always up to date without another pass (papers.md,
+"Everything is Y·c"). With an anchor, rows hold deltas θ_t − a (a = the first snapshot, in
+float32), which keeps the small differences between snapshots that low-precision storage of θ_t
+itself would lose (numerics.md, pitfall 3); the Gram matrix is still that of the full θ_t.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from koopfast import ops
+from koopfast._params import ParamSource, named_prunable
+
+__all__ = ["TrajectoryRecorder"]
+
+_FN = "koopfast.TrajectoryRecorder"
+_STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_STATE_VERSION = 1
+
+AnchorMode = Literal["auto", "none", "first"]
+
+
+class TrajectoryRecorder:
+    """Records snapshots of named parameters into a fixed-capacity buffer.
+
+    Args:
+        model_or_named_params: a model (its conv and linear weights and biases are recorded, as in
+            the Koopman pruning paper's code), a dict of named tensors, or (name, tensor) pairs.
+            All on one device.
+        capacity: snapshots the buffer holds (memory: capacity × N × element size).
+        dtype: storage dtype: torch.float32 (default), torch.bfloat16 or torch.float16.
+        device: where the buffer lives: None for the parameters' device, or "cpu" to keep
+            snapshots in host memory while the parameters are on a GPU.
+        anchor: "auto" (default: deltas against the first snapshot when the storage dtype is
+            narrower than float32, full snapshots otherwise), "first", "none", or a dict name ->
+            tensor giving the anchor (for example the initial weights).
+        window: if True, keep the last ``capacity`` snapshots (a ring); if False, ``record()``
+            on a full recorder raises.
+
+    ``record()`` raises ValueError, leaving the recorder exactly as it was, if a parameter changed
+    shape, dtype or device, or holds NaN/Inf (or a value the storage dtype cannot represent).
+    On a GPU, that check reads one number back per call (a synchronization).
+    """
+
+    def __init__(
+        self,
+        model_or_named_params: ParamSource,
+        capacity: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        anchor: AnchorMode | Mapping[str, Tensor] = "auto",
+        window: bool = False,
+    ) -> None:
+        self._params = named_prunable(model_or_named_params, fn=_FN)
+        try:
+            capacity = operator.index(capacity)
+        except TypeError:
+            raise TypeError(f"{_FN}: expected capacity to be an int, got {type(capacity).__name__}") from None
+        if isinstance(capacity, bool) or capacity < 2:
+            raise ValueError(f"{_FN}: expected capacity >= 2 (DMD needs two snapshots), got {capacity}")
+        if dtype not in _STORAGE_DTYPES:
+            raise TypeError(f"{_FN}: expected dtype to be float32, bfloat16 or float16, got {dtype}")
+        if not isinstance(window, bool):
+            raise TypeError(f"{_FN}: expected window to be a bool, got {type(window).__name__}")
+        tensors = list(self._params.values())
+        self._param_device = tensors[0].device
+        for name, p in self._params.items():
+            if not p.is_floating_point():
+                raise TypeError(f"{_FN}: expected floating-point parameters, got {name!r} of dtype {p.dtype}")
+            if p.device != self._param_device:
+                raise ValueError(
+                    f"{_FN}: expected all parameters on one device, got {tensors[0].device} and {p.device} ({name!r})"
+                )
+        self.names: tuple[str, ...] = tuple(self._params)
+        self.shapes: tuple[torch.Size, ...] = tuple(p.shape for p in tensors)
+        self._param_dtypes = tuple(p.dtype for p in tensors)
+        self._numels = tuple(p.numel() for p in tensors)
+        self._offsets = tuple(sum(self._numels[:i]) for i in range(len(tensors)))
+        self.numel = sum(self._numels)
+        if self.numel == 0:
+            raise ValueError(f"{_FN}: expected parameters with at least one element, got only empty tensors")
+        self.capacity = capacity
+        self.dtype = dtype
+        self.window = window
+        self.device = torch.device(device) if device is not None else self._param_device
+
+        self._anchor_mode, self._anchor = self._resolve_anchor(anchor)
+        self._snapshots = torch.zeros(capacity, self.numel, dtype=dtype, device=self.device)
+        # Gram of the stored rows in slot coordinates, their inner products with the anchor, and
+        # the anchor's squared norm: G_ij = |a|^2 + <a, d_i> + <a, d_j> + <d_i, d_j>.
+        self._row_dots = torch.zeros(capacity, capacity, dtype=torch.float64, device=self.device)
+        self._anchor_dots = torch.zeros(capacity, dtype=torch.float64, device=self.device)
+        self._anchor_sq = 0.0 if self._anchor is None else _sq_norm(self._anchor)
+        self._order: list[int] = []  # slots in time order
+        self.steps = 0  # successful record() calls, evicted snapshots included
+
+    # ---- recording ------------------------------------------------------------------------------------
+
+    def record(self) -> None:
+        """Stores one snapshot of the parameters (call after each optimizer step)."""
+        self._check_unchanged()
+        full = len(self._order) == self.capacity
+        if full and not self.window:
+            raise ValueError(
+                f"{_FN}.record: the recorder is full ({self.capacity} snapshots); create it with window=True to keep "
+                "the last snapshots, or a larger capacity"
+            )
+        slot = self._order[0] if full else len(self._order)
+        kept = self._order[1:] if full else list(self._order)
+        anchor = self._anchor
+        if self._anchor_mode == "first" and anchor is None:
+            anchor = self._flat_params().to(device=self.device, dtype=torch.float32).contiguous()
+        with torch.no_grad():
+            dots, status = ops.trajectory_ingest(self._ingest_inputs(), self._snapshots, slot, kept, anchor)
+        bad = int(status[0])
+        if bad >= 0:
+            raise ValueError(f"{_FN}.record: {self._nonfinite_message(bad)}; nothing was recorded")
+        if anchor is not self._anchor:
+            self._anchor, self._anchor_sq = anchor, _sq_norm(anchor)
+        idx = torch.tensor(kept, dtype=torch.long, device=self.device)
+        self._row_dots[slot].zero_()
+        self._row_dots[:, slot] = 0
+        self._row_dots[slot, idx] = dots[: len(kept)]
+        self._row_dots[idx, slot] = dots[: len(kept)]
+        self._row_dots[slot, slot] = dots[len(kept) + ops.INGEST_SELF_DOT]
+        self._anchor_dots[slot] = dots[len(kept) + ops.INGEST_ANCHOR_DOT]
+        self._order = [*kept, slot]
+        self.steps += 1
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    @property
+    def gram(self) -> Tensor:
+        """(t × t) float64 Gram matrix of the stored snapshots in time order, on the CPU."""
+        idx = torch.tensor(self._order, dtype=torch.long, device=self.device)
+        g = self._row_dots[idx][:, idx]
+        if self._anchor is not None:
+            p = self._anchor_dots[idx]
+            g = g + (self._anchor_sq + p[:, None] + p[None, :])
+        return g.cpu()
+
+    def snapshot(self, t: int) -> dict[str, Tensor]:
+        """The stored snapshot at time index t (0 = oldest kept; negative from the end), as float32
+        tensors in parameter shapes (rounded as stored)."""
+        n = len(self._order)
+        if not -n <= t < n:
+            raise IndexError(f"{_FN}.snapshot: expected t in [{-n}, {n}), got {t}")
+        coeffs = torch.zeros(self.capacity, 1, dtype=torch.float64, device=self.device)
+        coeffs[self._order[t], 0] = 1.0
+        return self.unflatten(ops.trajectory_combine(self._snapshots, coeffs, self._anchor)[0])
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Views of a flat [N] tensor in parameter shapes, keyed by name."""
+        return {
+            name: flat[off : off + n].view(shape)
+            for name, off, n, shape in zip(self.names, self._offsets, self._numels, self.shapes)
+        }
+
+    # ---- state ----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume recording exactly (tensors by reference, like nn.Module)."""
+        return {
+            "version": _STATE_VERSION,
+            "names": list(self.names),
+            "shapes": [list(s) for s in self.shapes],
+            "capacity": self.capacity,
+            "dtype": str(self.dtype),
+            "window": self.window,
+            "anchor_mode": self._anchor_mode,
+            "anchor": self._anchor,
+            "anchor_sq": self._anchor_sq,
+            "snapshots": self._snapshots,
+            "row_dots": self._row_dots,
+            "anchor_dots": self._anchor_dots,
+            "order": list(self._order),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores a state from :meth:`state_dict`; the recorder must record the same parameters
+        with the same capacity, dtype, window and anchor mode. Validates everything before changing
+        anything."""
+        fn = f"{_FN}.load_state_dict"
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"{fn}: expected a state of version {_STATE_VERSION}, got {state.get('version')!r}")
+        expected = {
+            "names": list(self.names),
+            "shapes": [list(s) for s in self.shapes],
+            "capacity": self.capacity,
+            "dtype": str(self.dtype),
+            "window": self.window,
+            "anchor_mode": self._anchor_mode,
+        }
+        for key, want in expected.items():
+            if state.get(key) != want:
+                raise ValueError(f"{fn}: expected {key} {want!r} (as this recorder was built), got {state.get(key)!r}")
+        order = [int(s) for s in state["order"]]
+        if (
+            len(order) > self.capacity
+            or len(set(order)) != len(order)
+            or any(not 0 <= s < self.capacity for s in order)
+        ):
+            raise ValueError(f"{fn}: expected order to list distinct slots in [0, {self.capacity}), got {order}")
+        tensors = {
+            "snapshots": (self._snapshots.shape, self.dtype),
+            "row_dots": (self._row_dots.shape, torch.float64),
+            "anchor_dots": (self._anchor_dots.shape, torch.float64),
+        }
+        for key, (shape, dtype) in tensors.items():
+            t = state[key]
+            if not isinstance(t, Tensor) or t.shape != shape or t.dtype != dtype:
+                got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{fn}: expected {key} of shape {tuple(shape)} and dtype {dtype}, got {got}")
+        anchor = state["anchor"]
+        if anchor is not None and (not isinstance(anchor, Tensor) or anchor.shape != (self.numel,)):
+            raise ValueError(f"{fn}: expected anchor None or a float32 tensor of shape ({self.numel},)")
+        if self._anchor_mode == "given" and anchor is None:
+            raise ValueError(f"{fn}: expected the given anchor in the state, got None")
+        self._snapshots.copy_(state["snapshots"])
+        self._row_dots.copy_(state["row_dots"])
+        self._anchor_dots.copy_(state["anchor_dots"])
+        self._anchor = None if anchor is None else anchor.to(device=self.device, dtype=torch.float32).clone()
+        self._anchor_sq = float(state["anchor_sq"])
+        self._order = order
+        self.steps = int(state["steps"])
+
+    # ---- internals used by DMD ------------------------------------------------------------------------
+
+    def _time_coeffs(self, coeffs_by_time: Tensor) -> Tensor:
+        """[t, m] coefficients in time order -> [capacity, m] in slot order (zeros elsewhere)."""
+        out = torch.zeros(self.capacity, coeffs_by_time.shape[1], dtype=coeffs_by_time.dtype, device=self.device)
+        out[torch.tensor(self._order, dtype=torch.long, device=self.device)] = coeffs_by_time.to(self.device)
+        return out
+
+    def _combine(self, coeffs_by_time: Tensor, wide: bool = False) -> Tensor:
+        """sum_t c[t, j] θ_t over the stored snapshots in time order: [m, N]."""
+        return ops.trajectory_combine(self._snapshots, self._time_coeffs(coeffs_by_time), self._anchor, wide)
+
+    def _storage_epsilon(self) -> float:
+        """Relative rounding of the stored trajectory: the storage dtype's epsilon, scaled by the
+        size of what is stored (deltas are small next to θ), plus that of the parameters' dtype."""
+        g = self.gram
+        total = float(torch.trace(g))
+        idx = torch.tensor(self._order, dtype=torch.long, device=self.device)
+        stored = float(torch.trace(self._row_dots[idx][:, idx]))
+        ratio = math.sqrt(stored / total) if total > 0 else 1.0
+        param_eps = max(torch.finfo(d).eps for d in self._param_dtypes)
+        return torch.finfo(self.dtype).eps * ratio + param_eps
+
+    # ---- checks ---------------------------------------------------------------------------------------
+
+    def _resolve_anchor(self, anchor) -> tuple[str, Tensor | None]:
+        if isinstance(anchor, Mapping):
+            missing = [n for n in self.names if n not in anchor]
+            if missing:
+                raise ValueError(f"{_FN}: expected the anchor to give every recorded parameter, missing {missing[:3]}")
+            for name, shape in zip(self.names, self.shapes):
+                if tuple(anchor[name].shape) != tuple(shape):
+                    raise ValueError(
+                        f"{_FN}: expected anchor {name!r} of shape {tuple(shape)}, got {tuple(anchor[name].shape)}"
+                    )
+            flat = torch.cat([anchor[n].detach().reshape(-1).to(torch.float32) for n in self.names])
+            if not bool(torch.isfinite(flat).all()):
+                raise ValueError(f"{_FN}: expected a finite anchor")
+            return "given", flat.to(self.device).contiguous()
+        if anchor not in ("auto", "none", "first"):
+            raise ValueError(f"{_FN}: expected anchor 'auto', 'none', 'first' or a dict of tensors, got {anchor!r}")
+        if anchor == "auto":
+            anchor = "first" if self.dtype != torch.float32 else "none"
+        return anchor, None
+
+    def _check_unchanged(self) -> None:
+        for name, p, shape, dtype in zip(self.names, self._params.values(), self.shapes, self._param_dtypes):
+            if p.shape != shape:
+                raise ValueError(
+                    f"{_FN}.record: parameter {name!r} changed shape from {tuple(shape)} to {tuple(p.shape)}"
+                )
+            if p.dtype != dtype:
+                raise ValueError(f"{_FN}.record: parameter {name!r} changed dtype from {dtype} to {p.dtype}")
+            if p.device != self._param_device:
+                raise ValueError(f"{_FN}.record: parameter {name!r} moved from {self._param_device} to {p.device}")
+
+    def _flat_params(self) -> Tensor:
+        return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self._params.values()])
+
+    def _ingest_inputs(self) -> list[Tensor]:
+        if self.device == self._param_device:
+            return [p.detach() for p in self._params.values()]
+        # Parameters on another device than the buffer: stage them where the buffer is.
+        return [torch.cat([p.detach().reshape(-1) for p in self._params.values()]).to(self.device)]
+
+    def _nonfinite_message(self, index: int) -> str:
+        if self.device == self._param_device:
+            name = self.names[index]
+        else:  # one staged tensor: find the parameter
+            name = next(n for n, p in self._params.items() if not bool(torch.isfinite(p.detach()).all()))
+        return f"expected finite parameters, got NaN/Inf (or a value beyond {self.dtype}'s range) in {name!r}"
+
+
+def _sq_norm(flat: Tensor) -> float:
+    v = flat.to(torch.float64)
+    return float(torch.dot(v, v))
