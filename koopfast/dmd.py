@@ -38,7 +38,7 @@ Method = Literal["gram", "qr", "randomized"]
 Debias = Literal["none", "forward_backward"]
 
 _TSQR_CHUNK = 1 << 16
-_AUTO_RTOL_FACTOR = 10.0
+_AUTO_RTOL_FACTOR = 1.0
 
 
 class DMD:
@@ -49,7 +49,7 @@ class DMD:
         rank: keep at most this many singular values of X (an int >= 1), or None. Required for
             "randomized" (the target rank of the range finder).
         rtol: keep singular values above rtol × σ₁: a float in (0, 1), or "auto" (the default):
-            10 × the relative rounding of the stored snapshots (for float32 storage, 2.4e-6),
+            the relative rounding of the stored snapshots (for float32 storage, 2.4e-7),
             which keeps every direction the data resolves and so reproduces the untruncated exact
             DMD (numerics.md, "Truncation changes the answer"). Stronger truncation is explicit.
         debias: "none" (default) or "forward_backward" (Dawson et al. 2016: Ã = (Ã_f Ã_b⁻¹)^½,

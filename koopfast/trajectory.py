@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from koopfast import ops
 from koopfast._params import ParamSource, named_prunable
@@ -64,6 +64,9 @@ class TrajectoryRecorder:
         window: bool = False,
     ) -> None:
         self._params = named_prunable(model_or_named_params, fn=_FN)
+        # A model is asked for its parameters again at every record(): modules may replace their
+        # parameter objects (load_state_dict(assign=True), to_empty(), ...).
+        self._model = model_or_named_params if isinstance(model_or_named_params, nn.Module) else None
         try:
             capacity = operator.index(capacity)
         except TypeError:
@@ -284,6 +287,14 @@ class TrajectoryRecorder:
         return anchor, None
 
     def _check_unchanged(self) -> None:
+        if self._model is not None:
+            current = named_prunable(self._model, fn=f"{_FN}.record")
+            if tuple(current) != self.names:
+                raise ValueError(
+                    f"{_FN}.record: the model's prunable parameters changed from {list(self.names)[:4]}... to "
+                    f"{list(current)[:4]}..."
+                )
+            self._params = current
         for name, p, shape, dtype in zip(self.names, self._params.values(), self.shapes, self._param_dtypes):
             if p.shape != shape:
                 raise ValueError(

@@ -37,7 +37,41 @@ def _mask_samples(device: str) -> list[tuple]:
     return out
 
 
+def _trajectory_buffers(device: str):
+    g = torch.Generator().manual_seed(2)
+    params = [torch.randn(3, 4, generator=g).to(device), torch.randn(5, generator=g).to(device).half()]
+    n = sum(p.numel() for p in params)
+    out = []
+    for dtype, anchor in [(torch.float32, None), (torch.bfloat16, torch.randn(n, generator=g).to(device))]:
+        out.append((params, torch.randn(4, n, generator=g).to(device=device, dtype=dtype), anchor))
+    return out
+
+
+def _ingest_samples(device: str) -> list[tuple]:
+    return [(params, snapshots, 2, [0, 3], anchor) for params, snapshots, anchor in _trajectory_buffers(device)]
+
+
+def _combine_samples(device: str) -> list[tuple]:
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for _, snapshots, anchor in _trajectory_buffers(device):
+        out.append((snapshots, torch.randn(4, 2, dtype=torch.float64, generator=g).to(device), anchor, False))
+        out.append((snapshots, torch.randn(4, 1, dtype=torch.complex128, generator=g).to(device), anchor, True))
+    return out
+
+
+def _dots_samples(device: str) -> list[tuple]:
+    g = torch.Generator().manual_seed(4)
+    return [
+        (snapshots, torch.randn(3, snapshots.shape[1], generator=g).to(device), anchor)
+        for _, snapshots, anchor in _trajectory_buffers(device)
+    ]
+
+
 SAMPLES: dict[str, Callable[[str], list[tuple]]] = {
     "select_threshold": _select_samples,
     "topk_mask": _mask_samples,
+    "trajectory_ingest": _ingest_samples,
+    "trajectory_combine": _combine_samples,
+    "trajectory_dots": _dots_samples,
 }
