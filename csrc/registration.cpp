@@ -32,9 +32,9 @@ TORCH_LIBRARY(koopfast, m) {
 
   // ---- parameter trajectories (csrc/trajectory; contract in trajectory.h) ----
   // snapshots: [capacity, N] float32/bfloat16/float16; anchor: optional float32 [N] (rows are
-  // deltas against it). Writes round(θ - anchor) into row `slot` unless a value is not finite;
-  // dots (float64): with each row of dot_slots, then with itself, then with the anchor.
-  // status: int64[1], -1 or the index of the first tensor of params with a non-finite value.
+  // deltas against it). Writes round(θ - anchor) into row `slot`; dots (float64): with each row of
+  // dot_slots, then with itself, then with the anchor. status: int64[1], -1, or the index of the
+  // first tensor of params with a non-finite value (then row `slot` is unspecified, dots are 0).
   m.def(
       "trajectory_ingest(Tensor[] params, Tensor(a!) snapshots, int slot, int[] dot_slots, Tensor? anchor)"
       " -> (Tensor dots, Tensor status)");

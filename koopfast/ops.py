@@ -104,7 +104,8 @@ def trajectory_ingest(
         ``dots``: float64 [len(dot_slots) + 2]: <new row, snapshots[s]> for s in dot_slots, then
         <new row, new row>, then <anchor, new row> (0 without anchor). ``status``: int64 [1], -1, or
         the index of the first tensor of params holding a NaN/Inf (or a value beyond the storage
-        dtype's range), in which case nothing was written and dots are 0.
+        dtype's range): then dots are 0 and row ``slot`` is unspecified (write into a free row;
+        other rows are never touched).
     """
     return torch.ops.koopfast.trajectory_ingest.default(list(params), snapshots, slot, list(dot_slots), anchor)
 

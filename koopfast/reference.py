@@ -94,7 +94,7 @@ def trajectory_ingest(params, snapshots, slot, dot_slots, anchor):
         segment = stored[start : start + p.numel()].to(torch.float64)
         start += p.numel()
         if not (bool(torch.isfinite(p.to(torch.float64)).all()) and bool(torch.isfinite(segment).all())):
-            status[0] = i
+            status[0] = i  # row `slot` is unspecified then: this twin leaves it as it was
             return torch.zeros(len(dot_slots) + 2, dtype=torch.float64, device=snapshots.device), status
     row = stored.to(torch.float64)
     dots = [torch.dot(row, snapshots[s].to(torch.float64)) for s in dot_slots]

@@ -100,11 +100,14 @@ class TrajectoryRecorder:
         self.device = torch.device(device) if device is not None else self._param_device
 
         self._anchor_mode, self._anchor = self._resolve_anchor(anchor)
-        self._snapshots = torch.zeros(capacity, self.numel, dtype=dtype, device=self.device)
+        # One row more than the capacity: each record() writes into a free row, in the same pass
+        # as its dot products, so a record() that fails on a non-finite value loses nothing.
+        self._rows = capacity + 1
+        self._snapshots = torch.zeros(self._rows, self.numel, dtype=dtype, device=self.device)
         # Gram of the stored rows in slot coordinates, their inner products with the anchor, and
         # the anchor's squared norm: G_ij = |a|^2 + <a, d_i> + <a, d_j> + <d_i, d_j>.
-        self._row_dots = torch.zeros(capacity, capacity, dtype=torch.float64, device=self.device)
-        self._anchor_dots = torch.zeros(capacity, dtype=torch.float64, device=self.device)
+        self._row_dots = torch.zeros(self._rows, self._rows, dtype=torch.float64, device=self.device)
+        self._anchor_dots = torch.zeros(self._rows, dtype=torch.float64, device=self.device)
         self._anchor_sq = 0.0 if self._anchor is None else _sq_norm(self._anchor)
         self._order: list[int] = []  # slots in time order
         self.steps = 0  # successful record() calls, evicted snapshots included
@@ -120,7 +123,8 @@ class TrajectoryRecorder:
                 f"{_FN}.record: the recorder is full ({self.capacity} snapshots); create it with window=True to keep "
                 "the last snapshots, or a larger capacity"
             )
-        slot = self._order[0] if full else len(self._order)
+        used = set(self._order)
+        slot = next(r for r in range(self._rows) if r not in used)
         kept = self._order[1:] if full else list(self._order)
         anchor = self._anchor
         if self._anchor_mode == "first" and anchor is None:
@@ -161,7 +165,7 @@ class TrajectoryRecorder:
         n = len(self._order)
         if not -n <= t < n:
             raise IndexError(f"{_FN}.snapshot: expected t in [{-n}, {n}), got {t}")
-        coeffs = torch.zeros(self.capacity, 1, dtype=torch.float64, device=self.device)
+        coeffs = torch.zeros(self._rows, 1, dtype=torch.float64, device=self.device)
         coeffs[self._order[t], 0] = 1.0
         return self.unflatten(ops.trajectory_combine(self._snapshots, coeffs, self._anchor)[0])
 
@@ -175,7 +179,9 @@ class TrajectoryRecorder:
     # ---- state ----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume recording exactly (tensors by reference, like nn.Module)."""
+        """Everything needed to resume recording exactly: the stored snapshots in time order, their
+        Gram bookkeeping, the anchor and the step count (tensors on the recorder's device)."""
+        idx = torch.tensor(self._order, dtype=torch.long, device=self.device)
         return {
             "version": _STATE_VERSION,
             "names": list(self.names),
@@ -186,10 +192,9 @@ class TrajectoryRecorder:
             "anchor_mode": self._anchor_mode,
             "anchor": self._anchor,
             "anchor_sq": self._anchor_sq,
-            "snapshots": self._snapshots,
-            "row_dots": self._row_dots,
-            "anchor_dots": self._anchor_dots,
-            "order": list(self._order),
+            "snapshots": self._snapshots[idx],
+            "row_dots": self._row_dots[idx][:, idx],
+            "anchor_dots": self._anchor_dots[idx],
             "steps": self.steps,
         }
 
@@ -211,41 +216,40 @@ class TrajectoryRecorder:
         for key, want in expected.items():
             if state.get(key) != want:
                 raise ValueError(f"{fn}: expected {key} {want!r} (as this recorder was built), got {state.get(key)!r}")
-        order = [int(s) for s in state["order"]]
-        if (
-            len(order) > self.capacity
-            or len(set(order)) != len(order)
-            or any(not 0 <= s < self.capacity for s in order)
-        ):
-            raise ValueError(f"{fn}: expected order to list distinct slots in [0, {self.capacity}), got {order}")
+        snapshots = state["snapshots"]
+        t = snapshots.shape[0] if isinstance(snapshots, Tensor) else -1
+        if not 0 <= t <= self.capacity:
+            raise ValueError(f"{fn}: expected at most {self.capacity} snapshots, got {t}")
         tensors = {
-            "snapshots": (self._snapshots.shape, self.dtype),
-            "row_dots": (self._row_dots.shape, torch.float64),
-            "anchor_dots": (self._anchor_dots.shape, torch.float64),
+            "snapshots": ((t, self.numel), self.dtype),
+            "row_dots": ((t, t), torch.float64),
+            "anchor_dots": ((t,), torch.float64),
         }
         for key, (shape, dtype) in tensors.items():
-            t = state[key]
-            if not isinstance(t, Tensor) or t.shape != shape or t.dtype != dtype:
-                got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"{fn}: expected {key} of shape {tuple(shape)} and dtype {dtype}, got {got}")
+            v = state[key]
+            if not isinstance(v, Tensor) or tuple(v.shape) != shape or v.dtype != dtype:
+                got = f"{tuple(v.shape)} {v.dtype}" if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(f"{fn}: expected {key} of shape {shape} and dtype {dtype}, got {got}")
         anchor = state["anchor"]
-        if anchor is not None and (not isinstance(anchor, Tensor) or anchor.shape != (self.numel,)):
+        if anchor is not None and (not isinstance(anchor, Tensor) or tuple(anchor.shape) != (self.numel,)):
             raise ValueError(f"{fn}: expected anchor None or a float32 tensor of shape ({self.numel},)")
         if self._anchor_mode == "given" and anchor is None:
             raise ValueError(f"{fn}: expected the given anchor in the state, got None")
-        self._snapshots.copy_(state["snapshots"])
-        self._row_dots.copy_(state["row_dots"])
-        self._anchor_dots.copy_(state["anchor_dots"])
+        self._snapshots[:t] = state["snapshots"].to(self.device)
+        self._row_dots.zero_()
+        self._row_dots[:t, :t] = state["row_dots"].to(self.device)
+        self._anchor_dots.zero_()
+        self._anchor_dots[:t] = state["anchor_dots"].to(self.device)
         self._anchor = None if anchor is None else anchor.to(device=self.device, dtype=torch.float32).clone()
         self._anchor_sq = float(state["anchor_sq"])
-        self._order = order
+        self._order = list(range(t))
         self.steps = int(state["steps"])
 
     # ---- internals used by DMD ------------------------------------------------------------------------
 
     def _time_coeffs(self, coeffs_by_time: Tensor) -> Tensor:
-        """[t, m] coefficients in time order -> [capacity, m] in slot order (zeros elsewhere)."""
-        out = torch.zeros(self.capacity, coeffs_by_time.shape[1], dtype=coeffs_by_time.dtype, device=self.device)
+        """[t, m] coefficients in time order -> [rows, m] in slot order (zeros elsewhere)."""
+        out = torch.zeros(self._rows, coeffs_by_time.shape[1], dtype=coeffs_by_time.dtype, device=self.device)
         out[torch.tensor(self._order, dtype=torch.long, device=self.device)] = coeffs_by_time.to(self.device)
         return out
 

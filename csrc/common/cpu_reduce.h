@@ -1,31 +1,30 @@
-// Deterministic float64 reductions for the CPU kernels.
+// Float64 dot products and axpys for the CPU kernels, and deterministic chunked sums.
 //
 // GCC keeps floating-point additions in source order, so a single accumulator makes a dot
 // product latency-bound and unvectorized. dot_f64 keeps eight independent partial sums, combined
-// in a fixed order: vectorizable, and the same result on every call. chunk_sums gives each chunk
-// its own partial results and adds them in chunk order, so totals do not depend on how chunks
-// were spread over threads.
+// in a fixed order: vectorizable, and the same result on every call. Its definitions are built
+// for x86-64-v3 (AVX2) and the baseline, picked at load time (GCC target_clones); neither
+// contracts a multiply and an add, so both give bit-identical results. chunk_sums gives each
+// chunk its own partial results and adds them in chunk order, so totals do not depend on how
+// chunks were spread over threads.
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <vector>
 
-#include "common/dispatch.h"
-
 namespace koopfast {
 
-template <class T>
-inline double dot_f64(const double* x, const T* y, int64_t n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int k = 0; k < 8; ++k) acc[k] += x[i + k] * widen<double>(y[i + k]);
-  }
-  for (; i < n; ++i) acc[i & 7] += x[i] * widen<double>(y[i]);
-  return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-}
+double dot_f64(const double* x, const double* y, int64_t n);
+double dot_f64(const double* x, const float* y, int64_t n);
+double dot_f64(const double* x, const c10::BFloat16* y, int64_t n);
+double dot_f64(const double* x, const c10::Half* y, int64_t n);
+
+// y[i] += c * x[i]
+void axpy_f64(double* y, double c, const double* x, int64_t n);
 
 // fn(chunk, partial) fills partial[0, width) for each chunk in [0, n_chunks), in parallel; returns
 // the element-wise sum over chunks, added in chunk order.

@@ -7,8 +7,10 @@
 //
 //   ingest   write round_S(θ - a) into row `slot` and, in the same pass, the float64 inner products
 //            of the new row with the rows in `dot_slots`, with itself, and with the anchor: one new
-//            row of the Gram matrix. Values are checked first: a non-finite θ, or one beyond the
-//            storage dtype's range, writes nothing.
+//            row of the Gram matrix. One read of θ and of the other rows, one write of the new row.
+//            A non-finite θ (or one beyond the storage dtype's range) is reported and leaves row
+//            `slot` unspecified, other rows untouched: callers write into a free row (the
+//            recorder keeps a spare one), so a failed ingest loses nothing.
 //   combine  out[j] = sum_t c[t, j] * (a + W[t])  (real or complex c), accumulated in float64.
 //   dots     out[t, j] = <W[t], v_j>, and <a, v_j> as an extra last row, in float64.
 //

@@ -42,25 +42,48 @@ KF_INLINE S to_storage(double x, const float* anchor, int64_t i) {
   return static_cast<S>(static_cast<float>(v));
 }
 
-// Widens `m` elements of parameter `view` starting at flat index `begin` into out[] as their
-// stored values; false if any θ or stored value is not finite.
+// Stores n values of a run with stride `stride`: row[i] = round_S(p - a), out[i] = that value widened.
+// Returns a sum that is NaN if any θ or stored value is not finite (x - x is 0 only for finite x):
+// a reduction without branches, so the unit-stride loop vectorizes.
+template <class P, class S>
+KF_INLINE double stage_run(const P* p, int64_t stride, int64_t n, const float* anchor, double* out, S* row) {
+  double nonfinite = 0.0;
+  if (stride == 1) {
+    for (int64_t i = 0; i < n; ++i) {
+      const double x = widen<double>(p[i]);
+      const S s = to_storage<S>(x, anchor, i);
+      const double d = widen<double>(s);
+      out[i] = d;
+      row[i] = s;
+      nonfinite += (x - x) + (d - d);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const double x = widen<double>(p[i * stride]);
+      const S s = to_storage<S>(x, anchor, i);
+      const double d = widen<double>(s);
+      out[i] = d;
+      row[i] = s;
+      nonfinite += (x - x) + (d - d);
+    }
+  }
+  return nonfinite;
+}
+
+// Stores elements [begin, begin + m) of parameter `view` (row: their place in the new snapshot
+// row) and widens them into out[]; false if any θ or stored value is not finite.
 template <class S>
-bool load_stored(const TensorView& view, int64_t begin, int64_t m, const float* anchor, double* out) {
-  bool finite = true;
+bool stage(const TensorView& view, int64_t begin, int64_t m, const float* anchor, double* out, S* row) {
+  double nonfinite = 0.0;
   dispatch_float(view.dtype, [&](auto ptag) {
     using P = typename decltype(ptag)::type;
     const P* base = static_cast<const P*>(view.data);
     for_each_run(view, begin, begin + m, [&](int64_t off, int64_t stride, int64_t n, int64_t flat) {
-      for (int64_t i = 0; i < n; ++i) {
-        const double x = widen<double>(base[off + i * stride]);
-        const int64_t k = flat - begin + i;
-        const double s = widen<double>(to_storage<S>(x, anchor, k));
-        out[k] = s;
-        finite &= std::isfinite(x) && std::isfinite(s);
-      }
+      const int64_t k = flat - begin;
+      nonfinite += stage_run<P, S>(base + off, stride, n, anchor ? anchor + k : nullptr, out + k, row + k);
     });
   });
-  return finite;
+  return nonfinite == 0.0;
 }
 
 template <class S>
@@ -68,9 +91,10 @@ void ingest_cpu(const IngestInputs& in, S* W, const float* anchor, double* dots,
   const auto chunks = make_chunks(numels_of(in.params), kIngestChunk);
   const int64_t nd = static_cast<int64_t>(in.dot_slots.size());
   const int64_t n = in.n;
+  S* new_row = W + in.slot * n;
   std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
 
-  // Pass 1: check values and take the dot products of the new row, writing nothing.
+  // One pass: write the new row and take its inner products while its block is in cache.
   const std::vector<double> total =
       chunk_sums(static_cast<int64_t>(chunks.size()), nd + kNumExtraDots, [&](int64_t c, double* part) {
         const Chunk& ch = chunks[c];
@@ -79,7 +103,7 @@ void ingest_cpu(const IngestInputs& in, S* W, const float* anchor, double* dots,
         for (int64_t b0 = ch.begin; b0 < ch.end; b0 += kBlock) {
           const int64_t m = std::min(kBlock, ch.end - b0);
           const float* a = anchor ? anchor + base + b0 : nullptr;
-          if (!load_stored<S>(in.params[ch.tensor], b0, m, a, buf)) {
+          if (!stage<S>(in.params[ch.tensor], b0, m, a, buf, new_row + base + b0)) {
             int64_t cur = bad.load();
             while (ch.tensor < cur && !bad.compare_exchange_weak(cur, ch.tensor)) {
             }
@@ -95,24 +119,6 @@ void ingest_cpu(const IngestInputs& in, S* W, const float* anchor, double* dots,
     std::fill(dots, dots + nd + kNumExtraDots, 0.0);
     return;
   }
-  // Pass 2: write the row.
-  S* row = W + in.slot * n;
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      const Chunk& ch = chunks[c];
-      const int64_t base = in.offsets[ch.tensor];
-      const TensorView& view = in.params[ch.tensor];
-      dispatch_float(view.dtype, [&](auto ptag) {
-        using P = typename decltype(ptag)::type;
-        const P* p = static_cast<const P*>(view.data);
-        for_each_run(view, ch.begin, ch.end, [&](int64_t off, int64_t stride, int64_t cnt, int64_t flat) {
-          for (int64_t i = 0; i < cnt; ++i) {
-            row[base + flat + i] = to_storage<S>(widen<double>(p[off + i * stride]), anchor, base + flat + i);
-          }
-        });
-      });
-    }
-  });
   std::copy(total.begin(), total.end(), dots);
   *status = -1;
 }
@@ -171,16 +177,12 @@ void combine_cpu(const S* W, int64_t capacity, int64_t n, const double* coef, in
           for (int64_t i = 0; i < m; ++i) w[i] = widen<double>(src[i]);
           for (int64_t q = 0; q < cols; ++q) {
             const double c = coef[t * cols + q];
-            if (c == 0.0) continue;
-            double* aq = acc.data() + q * B;
-            for (int64_t i = 0; i < m; ++i) aq[i] += c * w[i];
+            if (c != 0.0) axpy_f64(acc.data() + q * B, c, w, m);
           }
         }
         if (anchor) {
-          for (int64_t q = 0; q < cols; ++q) {
-            double* aq = acc.data() + q * B;
-            for (int64_t i = 0; i < m; ++i) aq[i] += coef_sum[q] * static_cast<double>(anchor[n0 + i]);
-          }
+          for (int64_t i = 0; i < m; ++i) w[i] = static_cast<double>(anchor[n0 + i]);
+          for (int64_t q = 0; q < cols; ++q) axpy_f64(acc.data() + q * B, coef_sum[q], w, m);
         }
         for (int64_t q = 0; q < cols; ++q) {
           O* dst = out + (q / per) * n * per + (q % per);

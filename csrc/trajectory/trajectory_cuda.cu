@@ -1,6 +1,7 @@
 // CUDA backend of the trajectory ops (contract in trajectory.h). Straightforward first versions:
 // per-chunk float64 partial sums written out and added in chunk order by a second kernel
-// (deterministic), no atomics on data. Not yet run on a GPU.
+// (deterministic), no atomics on data. Ingest writes the new row in the same pass that stages it
+// in shared memory for the dot products. Not yet run on a GPU.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
@@ -74,7 +75,7 @@ struct IngestArgs {
 };
 
 template <class S>
-__global__ void __launch_bounds__(kThreads) ingest_dots_kernel(IngestArgs args, const S* W) {
+__global__ void __launch_bounds__(kThreads) ingest_dots_kernel(IngestArgs args, S* W) {
   __shared__ float stored[kCudaIngestChunk];
   __shared__ typename Reduce::TempStorage reduce_storage;
   __shared__ int chunk_bad;
@@ -87,11 +88,13 @@ __global__ void __launch_bounds__(kThreads) ingest_dots_kernel(IngestArgs args, 
     if (threadIdx.x == 0) chunk_bad = 0;
     __syncthreads();
     double self = 0, anc = 0;
+    S* new_row = W + args.slot * args.n + base;
     for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
       const double x = param_at(view, ch.begin + i);
       const S s = to_storage<S>(x, args.anchor, base + i);
       const double d = widen<double>(s);
       if (!isfinite(x) || !isfinite(d)) chunk_bad = 1;
+      new_row[i] = s;                     // the row is a free one: written whatever happens
       stored[i] = static_cast<float>(d);  // exact: a storage value fits in float
       self += d * d;
       if (args.anchor) anc += d * static_cast<double>(args.anchor[base + i]);
@@ -137,20 +140,6 @@ __global__ void ingest_reduce_kernel(IngestArgs args) {
   if (threadIdx.x == 0 && !bad) *args.status = -1;
 }
 
-template <class S>
-__global__ void __launch_bounds__(kThreads) ingest_write_kernel(IngestArgs args, S* W) {
-  if (*args.status != -1) return;
-  S* row = W + args.slot * args.n;
-  for (int64_t c = blockIdx.x; c < args.table.num_chunks; c += gridDim.x) {
-    const Chunk ch = args.table.chunks[c];
-    const TensorView& view = args.table.a[ch.tensor];
-    const int64_t base = args.offsets[ch.tensor] + ch.begin;
-    for (int64_t i = threadIdx.x; i < ch.end - ch.begin; i += blockDim.x) {
-      row[base + i] = to_storage<S>(param_at(view, ch.begin + i), args.anchor, base + i);
-    }
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> trajectory_ingest_cuda(at::TensorList params, at::Tensor& snapshots, int64_t slot,
                                                           at::IntArrayRef dot_slots,
                                                           const c10::optional<at::Tensor>& anchor) {
@@ -191,8 +180,6 @@ std::tuple<at::Tensor, at::Tensor> trajectory_ingest_cuda(at::TensorList params,
       ingest_dots_kernel<S><<<grid, kThreads, 0, stream>>>(args, W);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       ingest_reduce_kernel<<<1, kThreads, 0, stream>>>(args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      ingest_write_kernel<S><<<grid, kThreads, 0, stream>>>(args, W);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -60,13 +60,13 @@ def test_ingest_chunk_boundaries_and_empty_params(device):
     [(float("nan"), torch.float32), (float("inf"), torch.float32), (7e4, torch.float16)],
     ids=["nan", "inf", "beyond-float16"],
 )
-def test_ingest_writes_nothing_for_nonfinite_values(device, bad, storage):
+def test_ingest_reports_nonfinite_values_and_touches_no_other_row(device, bad, storage):
     params = [torch.ones(4, device=device), torch.ones(3, device=device)]
     params[1][1] = bad
-    snaps = torch.full((2, 7), 0.25, device=device, dtype=storage)
+    snaps = torch.full((3, 7), 0.25, device=device, dtype=storage)
     dots, status = kf.ops.trajectory_ingest(params, snaps, 0, [1], None)
     assert int(status[0]) == 1
-    assert bool((snaps == 0.25).all()) and bool((dots == 0).all())
+    assert bool((snaps[1:] == 0.25).all()) and bool((dots == 0).all())  # row 0 is unspecified
 
 
 def test_ingest_is_independent_of_the_thread_count():

@@ -1,0 +1,36 @@
+#include "common/cpu_reduce.h"
+
+#include "common/dispatch.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KF_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define KF_SIMD_CLONES
+#endif
+
+namespace koopfast {
+namespace {
+
+template <class T>
+inline double dot_impl(const double* x, const T* y, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int k = 0; k < 8; ++k) acc[k] += x[i + k] * widen<double>(y[i + k]);
+  }
+  for (; i < n; ++i) acc[i & 7] += x[i] * widen<double>(y[i]);
+  return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
+}  // namespace
+
+KF_SIMD_CLONES double dot_f64(const double* x, const double* y, int64_t n) { return dot_impl(x, y, n); }
+KF_SIMD_CLONES double dot_f64(const double* x, const float* y, int64_t n) { return dot_impl(x, y, n); }
+KF_SIMD_CLONES double dot_f64(const double* x, const c10::BFloat16* y, int64_t n) { return dot_impl(x, y, n); }
+KF_SIMD_CLONES double dot_f64(const double* x, const c10::Half* y, int64_t n) { return dot_impl(x, y, n); }
+
+KF_SIMD_CLONES void axpy_f64(double* y, double c, const double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += c * x[i];
+}
+
+}  // namespace koopfast
