@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-FAMILIES = ("select", "koopman")
+FAMILIES = ("select", "koopman", "gradflow")
 
 
 def _bench(args: argparse.Namespace) -> int:
