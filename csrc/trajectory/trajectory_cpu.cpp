@@ -26,7 +26,7 @@
 namespace koopfast {
 namespace {
 
-constexpr int64_t kBlock = 1024;  // elements per inner block: a few KB of float64, L1-resident
+constexpr int64_t kBlock = 2048;  // elements per inner block: a few KB of float64, L1-resident
 
 std::vector<int64_t> numels_of(const std::vector<TensorView>& views) {
   std::vector<int64_t> n;

@@ -137,7 +137,8 @@ def run_record(case: RecordCase, device: torch.device, repeat: int | None) -> li
     rec = kf.TrajectoryRecorder(params, capacity=case.stored + 1, window=True)
     for _ in range(case.stored + 1):
         rec.record()
-    buffer = torch.empty(case.stored + 1, case.n, device=device)
+    # real data in the buffer: untouched pages would all read from the one zero page
+    buffer = torch.randn(case.stored + 1, case.n, generator=gen).to(device)
     slot = [0]
 
     def torch_way():
