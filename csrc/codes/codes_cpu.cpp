@@ -1,0 +1,313 @@
+// CPU backend of the codes ops (at::parallel_for over work items fixed by the shapes).
+//
+// sign_codes: each work item packs up to kSignBlockWords words of one unit. The comparisons go
+// to a byte buffer first (a loop that vectorizes), and eight bytes become eight bits with one
+// multiplication (pack_flag_bytes).
+// hamming_distance: per chunk (make_code_chunks), per row, a popcount of (a xor b); a long row split
+// over several chunks adds its partial counts atomically (integers: the sum is exact in any order).
+// pairwise_hamming: 16x16 tiles of the (symmetric) distance matrix, each computed once by one task
+// with a 4x4 register block over the words, and written to both halves.
+//
+// popcount: the POPCNT instruction is not in the x86-64 baseline these sources are compiled for,
+// so the popcount loops are compiled twice, with and without target("popcnt"), and picked at run
+// time (one check). Without it, GCC calls a slow library routine for every word.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "codes/codes_args.h"
+#include "common/checks.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define KF_POPCNT_TARGET __attribute__((target("popcnt")))
+#define KF_HAS_POPCNT_DISPATCH 1
+#else
+#define KF_POPCNT_TARGET
+#define KF_HAS_POPCNT_DISPATCH 0
+#endif
+
+namespace koopfast {
+namespace {
+
+// ---- sign_codes ---------------------------------------------------------------------------------
+
+constexpr int64_t kSignBlockWords = 64;  // words per work item: 4096 flags in a 4 KiB buffer
+
+template <class S>
+KF_INLINE uint8_t is_positive(S v) {
+  if constexpr (std::is_same_v<S, bool>) {
+    return static_cast<uint8_t>(v);
+  } else if constexpr (std::is_same_v<S, c10::Half> || std::is_same_v<S, c10::BFloat16>) {
+    return static_cast<float>(v) > 0.0f;
+  } else {
+    return v > S(0);  // NaN > 0 is false: NaN gives bit 0, like torch's x > 0
+  }
+}
+
+// Flags of the bits [jb, je) of unit u, in bit order, into flags[0, je - jb).
+template <class S>
+void fill_flags(const SignInput& in, int64_t u, int64_t jb, int64_t je, uint8_t* flags) {
+  const S* base = static_cast<const S*>(in.data) + u * in.unit_stride;
+  const int64_t n = je - jb;
+  if (in.inner == 1) {  // bits run over `outer` (a linear layer's batch): one strided run
+    const S* p = base + jb * in.outer_stride;
+    const int64_t s = in.outer_stride;
+    if (s == 1) {
+      for (int64_t t = 0; t < n; ++t) flags[t] = is_positive(p[t]);
+    } else {
+      for (int64_t t = 0; t < n; ++t) flags[t] = is_positive(p[t * s]);
+    }
+    return;
+  }
+  int64_t o = jb / in.inner;
+  int64_t i = jb - o * in.inner;
+  const int64_t si = in.inner_stride;
+  for (int64_t k = 0; k < n;) {
+    const int64_t run = std::min(n - k, in.inner - i);
+    const S* p = base + o * in.outer_stride + i * si;
+    uint8_t* f = flags + k;
+    if (si == 1) {
+      for (int64_t t = 0; t < run; ++t) f[t] = is_positive(p[t]);  // vectorized for float and double
+    } else {
+      for (int64_t t = 0; t < run; ++t) f[t] = is_positive(p[t * si]);
+    }
+    k += run;
+    ++o;
+    i = 0;
+  }
+}
+
+template <class S>
+void sign_codes_cpu_impl(const SignInput& in, int64_t* out) {
+  const int64_t bits = in.bits();
+  const int64_t words = words_for_bits(bits);
+  const int64_t blocks = (words + kSignBlockWords - 1) / kSignBlockWords;
+  const int64_t items = in.units * blocks;
+  at::parallel_for(0, items, 4, [&](int64_t b, int64_t e) {
+    alignas(64) uint8_t flags[kSignBlockWords * kBitsPerWord];
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t u = item / blocks;
+      const int64_t w0 = (item - u * blocks) * kSignBlockWords;
+      const int64_t w1 = std::min(words, w0 + kSignBlockWords);
+      const int64_t jb = w0 * kBitsPerWord;
+      const int64_t je = std::min(bits, w1 * kBitsPerWord);
+      fill_flags<S>(in, u, jb, je, flags);
+      std::memset(flags + (je - jb), 0, static_cast<size_t>((w1 - w0) * kBitsPerWord - (je - jb)));
+      int64_t* dst = out + u * words;
+      for (int64_t w = w0; w < w1; ++w) {
+        const uint8_t* f = flags + (w - w0) * kBitsPerWord;
+        uint64_t word = 0;
+        for (int byte = 0; byte < 8; ++byte) {
+          uint64_t eight;
+          std::memcpy(&eight, f + 8 * byte, 8);
+          word |= pack_flag_bytes(eight) << (8 * byte);
+        }
+        dst[w] = static_cast<int64_t>(word);
+      }
+    }
+  });
+}
+
+at::Tensor sign_codes_cpu(const at::Tensor& x, int64_t dim) {
+  constexpr const char* op = "sign_codes";
+  const SignCodesInput in = prepare_sign_codes(op, x, dim);
+  at::Tensor codes = empty_codes(in, x);
+  if (codes.numel() == 0) return codes;
+  int64_t* out = codes.data_ptr<int64_t>();
+  switch (in.dtype) {
+    case c10::kHalf: sign_codes_cpu_impl<c10::Half>(in.view, out); break;
+    case c10::kBFloat16: sign_codes_cpu_impl<c10::BFloat16>(in.view, out); break;
+    case c10::kFloat: sign_codes_cpu_impl<float>(in.view, out); break;
+    case c10::kDouble: sign_codes_cpu_impl<double>(in.view, out); break;
+    case c10::kBool: sign_codes_cpu_impl<bool>(in.view, out); break;
+    default: TORCH_CHECK(false, "koopfast::sign_codes: internal error: unchecked dtype");
+  }
+  return codes;
+}
+
+// ---- popcount loops, compiled with and without POPCNT ---------------------------------------------
+
+KF_INLINE uint64_t popcount64(int64_t w) { return static_cast<uint64_t>(__builtin_popcountll(static_cast<uint64_t>(w))); }
+
+// Sum over k < n of popcount(a[k*sa] ^ b[k*sb]), or of popcount(a[k*sa]) when b is null.
+KF_INLINE uint64_t row_popcount_impl(const int64_t* a, int64_t sa, const int64_t* b, int64_t sb, int64_t n) {
+  uint64_t c0 = 0, c1 = 0;
+  if (b == nullptr) {
+    if (sa == 1) {
+      int64_t k = 0;
+      for (; k + 1 < n; k += 2) {
+        c0 += popcount64(a[k]);
+        c1 += popcount64(a[k + 1]);
+      }
+      if (k < n) c0 += popcount64(a[k]);
+    } else {
+      for (int64_t k = 0; k < n; ++k) c0 += popcount64(a[k * sa]);
+    }
+  } else if (sa == 1 && sb == 1) {
+    int64_t k = 0;
+    for (; k + 1 < n; k += 2) {
+      c0 += popcount64(a[k] ^ b[k]);
+      c1 += popcount64(a[k + 1] ^ b[k + 1]);
+    }
+    if (k < n) c0 += popcount64(a[k] ^ b[k]);
+  } else {
+    for (int64_t k = 0; k < n; ++k) c0 += popcount64(a[k * sa] ^ b[k * sb]);
+  }
+  return c0 + c1;
+}
+
+constexpr int64_t kTile = 16;       // pairwise_hamming: rows per tile
+constexpr int64_t kTileWords = 512; // words per step over k (2 x 16 rows x 4 KiB stay in L1/L2)
+
+// acc[i][j] += distance of rows a + i*words and b + j*words over words [k0, k1); 4x4 blocks.
+KF_INLINE void pair_tile_impl(const int64_t* a, int64_t ni, const int64_t* b, int64_t nj, int64_t words, int64_t k0,
+                              int64_t k1, uint64_t (*acc)[kTile]) {
+  int64_t i = 0;
+  for (; i + 4 <= ni; i += 4) {
+    const int64_t* a0 = a + i * words;
+    int64_t j = 0;
+    for (; j + 4 <= nj; j += 4) {
+      const int64_t* b0 = b + j * words;
+      uint64_t s[4][4] = {};
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t x[4] = {a0[k], a0[words + k], a0[2 * words + k], a0[3 * words + k]};
+        const int64_t y[4] = {b0[k], b0[words + k], b0[2 * words + k], b0[3 * words + k]};
+        for (int p = 0; p < 4; ++p)
+          for (int q = 0; q < 4; ++q) s[p][q] += popcount64(x[p] ^ y[q]);
+      }
+      for (int p = 0; p < 4; ++p)
+        for (int q = 0; q < 4; ++q) acc[i + p][j + q] += s[p][q];
+    }
+    for (; j < nj; ++j)
+      for (int p = 0; p < 4; ++p)
+        acc[i + p][j] += row_popcount_impl(a0 + p * words + k0, 1, b + j * words + k0, 1, k1 - k0);
+  }
+  for (; i < ni; ++i)
+    for (int64_t j = 0; j < nj; ++j)
+      acc[i][j] += row_popcount_impl(a + i * words + k0, 1, b + j * words + k0, 1, k1 - k0);
+}
+
+uint64_t row_popcount_generic(const int64_t* a, int64_t sa, const int64_t* b, int64_t sb, int64_t n) {
+  return row_popcount_impl(a, sa, b, sb, n);
+}
+void pair_tile_generic(const int64_t* a, int64_t ni, const int64_t* b, int64_t nj, int64_t words, int64_t k0, int64_t k1,
+                       uint64_t (*acc)[kTile]) {
+  pair_tile_impl(a, ni, b, nj, words, k0, k1, acc);
+}
+#if KF_HAS_POPCNT_DISPATCH
+KF_POPCNT_TARGET uint64_t row_popcount_popcnt(const int64_t* a, int64_t sa, const int64_t* b, int64_t sb, int64_t n) {
+  return row_popcount_impl(a, sa, b, sb, n);
+}
+KF_POPCNT_TARGET void pair_tile_popcnt(const int64_t* a, int64_t ni, const int64_t* b, int64_t nj, int64_t words,
+                                       int64_t k0, int64_t k1, uint64_t (*acc)[kTile]) {
+  pair_tile_impl(a, ni, b, nj, words, k0, k1, acc);
+}
+#endif
+
+struct PopcountFns {
+  uint64_t (*row)(const int64_t*, int64_t, const int64_t*, int64_t, int64_t);
+  void (*tile)(const int64_t*, int64_t, const int64_t*, int64_t, int64_t, int64_t, int64_t, uint64_t (*)[kTile]);
+};
+
+const PopcountFns& popcount_fns() {
+  static const PopcountFns fns = [] {
+#if KF_HAS_POPCNT_DISPATCH
+    if (__builtin_cpu_supports("popcnt")) return PopcountFns{&row_popcount_popcnt, &pair_tile_popcnt};
+#endif
+    return PopcountFns{&row_popcount_generic, &pair_tile_generic};
+  }();
+  return fns;
+}
+
+// ---- hamming_distance ---------------------------------------------------------------------------
+
+std::vector<at::Tensor> hamming_distance_cpu(at::TensorList a, at::TensorList b) {
+  constexpr const char* op = "hamming_distance";
+  const HammingInputs in = prepare_hamming(op, a, b);
+  std::vector<at::Tensor> out;
+  std::vector<int64_t*> dst;
+  for (size_t t = 0; t < a.size(); ++t) {
+    out.push_back(at::zeros({in.a[t].rows}, a[t].options().dtype(c10::kLong)));
+    dst.push_back(out.back().data_ptr<int64_t>());
+  }
+  const std::vector<CodeChunk> chunks = make_code_chunks(in.a);
+  const auto row_popcount = popcount_fns().row;
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const CodeChunk& ch = chunks[c];
+      const CodeMatrix& ma = in.a[ch.tensor];
+      const CodeMatrix* mb = in.b.empty() ? nullptr : &in.b[ch.tensor];
+      const bool whole_rows = ch.word_begin == 0 && ch.word_end == ma.words;
+      for (int64_t r = ch.row_begin; r < ch.row_end; ++r) {
+        const int64_t* pa = ma.data + r * ma.row_stride + ch.word_begin * ma.word_stride;
+        const int64_t* pb = mb ? mb->data + r * mb->row_stride + ch.word_begin * mb->word_stride : nullptr;
+        const auto count = static_cast<int64_t>(
+            row_popcount(pa, ma.word_stride, pb, mb ? mb->word_stride : 0, ch.word_end - ch.word_begin));
+        if (whole_rows) {
+          dst[ch.tensor][r] = count;  // this chunk is the row's only one
+        } else {
+          __atomic_fetch_add(&dst[ch.tensor][r], count, __ATOMIC_RELAXED);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// ---- pairwise_hamming ---------------------------------------------------------------------------
+
+at::Tensor pairwise_hamming_cpu(const at::Tensor& codes) {
+  constexpr const char* op = "pairwise_hamming";
+  code_matrix(op, codes, "codes");
+  // Each row is read once per tile of other rows: a contiguous copy first costs one pass and keeps
+  // every later read sequential.
+  const at::Tensor c = codes.contiguous();
+  const int64_t units = c.size(0);
+  const int64_t words = c.size(1);
+  at::Tensor out = at::empty({units, units}, codes.options().dtype(c10::kLong));
+  if (units == 0) return out;
+  const int64_t* data = c.data_ptr<int64_t>();
+  int64_t* d = out.data_ptr<int64_t>();
+  const int64_t tiles = (units + kTile - 1) / kTile;
+  std::vector<std::pair<int64_t, int64_t>> pairs;  // (I, J) with I <= J: the upper triangle of tiles
+  for (int64_t I = 0; I < tiles; ++I)
+    for (int64_t J = I; J < tiles; ++J) pairs.emplace_back(I, J);
+  const auto tile_fn = popcount_fns().tile;
+  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t pb, int64_t pe) {
+    uint64_t acc[kTile][kTile];
+    for (int64_t p = pb; p < pe; ++p) {
+      const int64_t i0 = pairs[p].first * kTile, j0 = pairs[p].second * kTile;
+      const int64_t ni = std::min(kTile, units - i0), nj = std::min(kTile, units - j0);
+      std::memset(acc, 0, sizeof(acc));
+      for (int64_t k0 = 0; k0 < words; k0 += kTileWords) {
+        tile_fn(data + i0 * words, ni, data + j0 * words, nj, words, k0, std::min(words, k0 + kTileWords), acc);
+      }
+      for (int64_t i = 0; i < ni; ++i) {
+        for (int64_t j = 0; j < nj; ++j) {
+          d[(i0 + i) * units + (j0 + j)] = static_cast<int64_t>(acc[i][j]);
+          d[(j0 + j) * units + (i0 + i)] = static_cast<int64_t>(acc[i][j]);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(koopfast, CPU, m) {
+  m.impl("sign_codes", &sign_codes_cpu);
+  m.impl("hamming_distance", &hamming_distance_cpu);
+  m.impl("pairwise_hamming", &pairwise_hamming_cpu);
+}
+
+}  // namespace koopfast
