@@ -1,8 +1,9 @@
 // CPU backend of the codes ops (at::parallel_for over work items fixed by the shapes).
 //
-// sign_codes: each work item packs up to kSignBlockWords words of one unit. The comparisons go
-// to a byte buffer first (a loop that vectorizes), and eight bytes become eight bits with one
-// multiplication (pack_flag_bytes).
+// sign_codes: the comparisons go to a byte buffer first (a loop that vectorizes along contiguous
+// runs), and eight bytes become eight bits with one multiplication (pack_flag_bytes). A work item
+// is a block of words of one unit when a unit's bits come in long runs (inner >= 64), else a tile
+// of units x words walked in memory order.
 // hamming_distance: per chunk (make_code_chunks), per row, a popcount of (a xor b); a long row split
 // over several chunks adds its partial counts atomically (integers: the sum is exact in any order).
 // pairwise_hamming: 16x16 tiles of the (symmetric) distance matrix, each computed once by one task
@@ -53,21 +54,11 @@ KF_INLINE uint8_t is_positive(S v) {
   }
 }
 
-// Flags of the bits [jb, je) of unit u, in bit order, into flags[0, je - jb).
+// Flags of the bits [jb, je) of unit u, in bit order, into flags[0, je - jb): runs along inner.
 template <class S>
 void fill_flags(const SignInput& in, int64_t u, int64_t jb, int64_t je, uint8_t* flags) {
   const S* base = static_cast<const S*>(in.data) + u * in.unit_stride;
   const int64_t n = je - jb;
-  if (in.inner == 1) {  // bits run over `outer` (a linear layer's batch): one strided run
-    const S* p = base + jb * in.outer_stride;
-    const int64_t s = in.outer_stride;
-    if (s == 1) {
-      for (int64_t t = 0; t < n; ++t) flags[t] = is_positive(p[t]);
-    } else {
-      for (int64_t t = 0; t < n; ++t) flags[t] = is_positive(p[t * s]);
-    }
-    return;
-  }
   int64_t o = jb / in.inner;
   int64_t i = jb - o * in.inner;
   const int64_t si = in.inner_stride;
@@ -86,13 +77,27 @@ void fill_flags(const SignInput& in, int64_t u, int64_t jb, int64_t je, uint8_t*
   }
 }
 
+// Packs flags[0, 64 * (w1 - w0)) into the words [w0, w1) of dst.
+KF_INLINE void pack_flags(const uint8_t* flags, int64_t w0, int64_t w1, int64_t* dst) {
+  for (int64_t w = w0; w < w1; ++w) {
+    const uint8_t* f = flags + (w - w0) * kBitsPerWord;
+    uint64_t word = 0;
+    for (int byte = 0; byte < 8; ++byte) {
+      uint64_t eight;
+      std::memcpy(&eight, f + 8 * byte, 8);
+      word |= pack_flag_bytes(eight) << (8 * byte);
+    }
+    dst[w] = static_cast<int64_t>(word);
+  }
+}
+
+// Long rows (inner >= kTiledInner): one unit per work item, runs of `inner` elements.
 template <class S>
-void sign_codes_cpu_impl(const SignInput& in, int64_t* out) {
+void sign_codes_by_unit(const SignInput& in, int64_t* out) {
   const int64_t bits = in.bits();
   const int64_t words = words_for_bits(bits);
   const int64_t blocks = (words + kSignBlockWords - 1) / kSignBlockWords;
-  const int64_t items = in.units * blocks;
-  at::parallel_for(0, items, 4, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, in.units * blocks, 4, [&](int64_t b, int64_t e) {
     alignas(64) uint8_t flags[kSignBlockWords * kBitsPerWord];
     for (int64_t item = b; item < e; ++item) {
       const int64_t u = item / blocks;
@@ -102,19 +107,74 @@ void sign_codes_cpu_impl(const SignInput& in, int64_t* out) {
       const int64_t je = std::min(bits, w1 * kBitsPerWord);
       fill_flags<S>(in, u, jb, je, flags);
       std::memset(flags + (je - jb), 0, static_cast<size_t>((w1 - w0) * kBitsPerWord - (je - jb)));
-      int64_t* dst = out + u * words;
-      for (int64_t w = w0; w < w1; ++w) {
-        const uint8_t* f = flags + (w - w0) * kBitsPerWord;
-        uint64_t word = 0;
-        for (int byte = 0; byte < 8; ++byte) {
-          uint64_t eight;
-          std::memcpy(&eight, f + 8 * byte, 8);
-          word |= pack_flag_bytes(eight) << (8 * byte);
+      pack_flags(flags, w0, w1, out + u * words);
+    }
+  });
+}
+
+// Short rows (a linear layer's [batch, features], small feature maps): a unit's bits are scattered
+// in runs shorter than a word, so a work item takes a tile of kSignTileUnits units x kSignTileWords words
+// and walks x in memory order (o, then the tile's units, then i), filling one flag buffer per unit.
+constexpr int64_t kTiledInner = 64;
+constexpr int64_t kSignTileUnits = 16;
+constexpr int64_t kSignTileWords = 16;  // 16 units x 1024 flags: 16 KiB, in L1
+
+template <class S>
+void sign_codes_by_tile(const SignInput& in, int64_t* out) {
+  const int64_t bits = in.bits();
+  const int64_t words = words_for_bits(bits);
+  const int64_t unit_tiles = (in.units + kSignTileUnits - 1) / kSignTileUnits;
+  const int64_t word_tiles = (words + kSignTileWords - 1) / kSignTileWords;
+  const S* x = static_cast<const S*>(in.data);
+  at::parallel_for(0, unit_tiles * word_tiles, 1, [&](int64_t b, int64_t e) {
+    alignas(64) uint8_t flags[kSignTileUnits][kSignTileWords * kBitsPerWord];
+    alignas(64) uint8_t block[kSignTileUnits * kTiledInner];
+    const bool dense = in.inner_stride == 1 && in.unit_stride == in.inner;
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t ut = item / word_tiles;
+      const int64_t u0 = ut * kSignTileUnits;
+      const int64_t nu = std::min(kSignTileUnits, in.units - u0);
+      const int64_t w0 = (item - ut * word_tiles) * kSignTileWords;
+      const int64_t w1 = std::min(words, w0 + kSignTileWords);
+      const int64_t jb = w0 * kBitsPerWord;
+      const int64_t je = std::min(bits, w1 * kBitsPerWord);
+      for (int64_t o = jb / in.inner; o * in.inner < je; ++o) {
+        const int64_t i_lo = std::max<int64_t>(0, jb - o * in.inner);
+        const int64_t i_hi = std::min(in.inner, je - o * in.inner);
+        const S* row = x + o * in.outer_stride + u0 * in.unit_stride;
+        const int64_t k0 = o * in.inner - jb;  // flag index of (o, i = 0)
+        if (dense) {  // the tile's units are one contiguous block of memory: compare it in one loop
+          const int64_t n = nu * in.inner;
+          for (int64_t t = 0; t < n; ++t) block[t] = is_positive(row[t]);  // vectorized
+          if (in.inner == 1) {
+            for (int64_t u = 0; u < nu; ++u) flags[u][k0] = block[u];
+          } else {
+            for (int64_t u = 0; u < nu; ++u) std::memcpy(flags[u] + k0 + i_lo, block + u * in.inner + i_lo, i_hi - i_lo);
+          }
+          continue;
         }
-        dst[w] = static_cast<int64_t>(word);
+        for (int64_t u = 0; u < nu; ++u) {
+          const S* p = row + u * in.unit_stride;
+          uint8_t* f = flags[u] + k0;
+          for (int64_t i = i_lo; i < i_hi; ++i) f[i] = is_positive(p[i * in.inner_stride]);
+        }
+      }
+      const int64_t pad = (w1 - w0) * kBitsPerWord - (je - jb);
+      for (int64_t u = 0; u < nu; ++u) {
+        std::memset(flags[u] + (je - jb), 0, static_cast<size_t>(pad));
+        pack_flags(flags[u], w0, w1, out + (u0 + u) * words);
       }
     }
   });
+}
+
+template <class S>
+void sign_codes_cpu_impl(const SignInput& in, int64_t* out) {
+  if (in.inner >= kTiledInner) {
+    sign_codes_by_unit<S>(in, out);
+  } else {
+    sign_codes_by_tile<S>(in, out);
+  }
 }
 
 at::Tensor sign_codes_cpu(const at::Tensor& x, int64_t dim) {
@@ -165,12 +225,12 @@ KF_INLINE uint64_t row_popcount_impl(const int64_t* a, int64_t sa, const int64_t
   return c0 + c1;
 }
 
-constexpr int64_t kTile = 16;       // pairwise_hamming: rows per tile
-constexpr int64_t kTileWords = 512; // words per step over k (2 x 16 rows x 4 KiB stay in L1/L2)
+constexpr int64_t kPairTile = 16;        // pairwise_hamming: rows per tile
+constexpr int64_t kPairTileWords = 512;  // words per step over k (2 x 16 rows x 4 KiB stay in L1/L2)
 
 // acc[i][j] += distance of rows a + i*words and b + j*words over words [k0, k1); 4x4 blocks.
 KF_INLINE void pair_tile_impl(const int64_t* a, int64_t ni, const int64_t* b, int64_t nj, int64_t words, int64_t k0,
-                              int64_t k1, uint64_t (*acc)[kTile]) {
+                              int64_t k1, uint64_t (*acc)[kPairTile]) {
   int64_t i = 0;
   for (; i + 4 <= ni; i += 4) {
     const int64_t* a0 = a + i * words;
@@ -200,7 +260,7 @@ uint64_t row_popcount_generic(const int64_t* a, int64_t sa, const int64_t* b, in
   return row_popcount_impl(a, sa, b, sb, n);
 }
 void pair_tile_generic(const int64_t* a, int64_t ni, const int64_t* b, int64_t nj, int64_t words, int64_t k0, int64_t k1,
-                       uint64_t (*acc)[kTile]) {
+                       uint64_t (*acc)[kPairTile]) {
   pair_tile_impl(a, ni, b, nj, words, k0, k1, acc);
 }
 #if KF_HAS_POPCNT_DISPATCH
@@ -208,14 +268,14 @@ KF_POPCNT_TARGET uint64_t row_popcount_popcnt(const int64_t* a, int64_t sa, cons
   return row_popcount_impl(a, sa, b, sb, n);
 }
 KF_POPCNT_TARGET void pair_tile_popcnt(const int64_t* a, int64_t ni, const int64_t* b, int64_t nj, int64_t words,
-                                       int64_t k0, int64_t k1, uint64_t (*acc)[kTile]) {
+                                       int64_t k0, int64_t k1, uint64_t (*acc)[kPairTile]) {
   pair_tile_impl(a, ni, b, nj, words, k0, k1, acc);
 }
 #endif
 
 struct PopcountFns {
   uint64_t (*row)(const int64_t*, int64_t, const int64_t*, int64_t, int64_t);
-  void (*tile)(const int64_t*, int64_t, const int64_t*, int64_t, int64_t, int64_t, int64_t, uint64_t (*)[kTile]);
+  void (*tile)(const int64_t*, int64_t, const int64_t*, int64_t, int64_t, int64_t, int64_t, uint64_t (*)[kPairTile]);
 };
 
 const PopcountFns& popcount_fns() {
@@ -277,19 +337,19 @@ at::Tensor pairwise_hamming_cpu(const at::Tensor& codes) {
   if (units == 0) return out;
   const int64_t* data = c.data_ptr<int64_t>();
   int64_t* d = out.data_ptr<int64_t>();
-  const int64_t tiles = (units + kTile - 1) / kTile;
+  const int64_t tiles = (units + kPairTile - 1) / kPairTile;
   std::vector<std::pair<int64_t, int64_t>> pairs;  // (I, J) with I <= J: the upper triangle of tiles
   for (int64_t I = 0; I < tiles; ++I)
     for (int64_t J = I; J < tiles; ++J) pairs.emplace_back(I, J);
   const auto tile_fn = popcount_fns().tile;
   at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t pb, int64_t pe) {
-    uint64_t acc[kTile][kTile];
+    uint64_t acc[kPairTile][kPairTile];
     for (int64_t p = pb; p < pe; ++p) {
-      const int64_t i0 = pairs[p].first * kTile, j0 = pairs[p].second * kTile;
-      const int64_t ni = std::min(kTile, units - i0), nj = std::min(kTile, units - j0);
+      const int64_t i0 = pairs[p].first * kPairTile, j0 = pairs[p].second * kPairTile;
+      const int64_t ni = std::min(kPairTile, units - i0), nj = std::min(kPairTile, units - j0);
       std::memset(acc, 0, sizeof(acc));
-      for (int64_t k0 = 0; k0 < words; k0 += kTileWords) {
-        tile_fn(data + i0 * words, ni, data + j0 * words, nj, words, k0, std::min(words, k0 + kTileWords), acc);
+      for (int64_t k0 = 0; k0 < words; k0 += kPairTileWords) {
+        tile_fn(data + i0 * words, ni, data + j0 * words, nj, words, k0, std::min(words, k0 + kPairTileWords), acc);
       }
       for (int64_t i = 0; i < ni; ++i) {
         for (int64_t j = 0; j < nj; ++j) {
