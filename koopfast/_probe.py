@@ -51,7 +51,9 @@ def iter_batches(probe: Probe, device: torch.device, *, fn: str) -> Iterator[Ten
             raise TypeError(
                 f"{fn}: expected probe batch {i} to be a tensor (or a tuple starting with one), got {type(x).__name__}"
             )
-        if x.dim() == 0 or x.shape[0] == 0:
+        if x.dim() == 0:
+            raise ValueError(f"{fn}: expected probe batch {i} to have a batch dimension, got a 0-dim tensor")
+        if x.shape[0] == 0:
             continue
         seen += 1
         yield x.to(device)

@@ -114,20 +114,20 @@ class SplineScores(dict):
 
     def __init__(
         self,
-        scores: dict[str, Tensor],
+        scores: Mapping[str, Tensor] = (),
         *,
-        measure: str,
-        policy: str,
-        ranks: dict[str, Tensor],
-        flat: dict[str, Tensor],
-        on_fraction: dict[str, Tensor] | None,
-        distances: dict[str, Tensor],
-        bn_names: dict[str, str | None],
-    ):
+        measure: str = "angle",
+        policy: str = "layerwise",
+        ranks: dict[str, Tensor] | None = None,
+        flat: dict[str, Tensor] | None = None,
+        on_fraction: dict[str, Tensor] | None = None,
+        distances: dict[str, Tensor] | None = None,
+        bn_names: dict[str, str | None] | None = None,
+    ):  # defaults only so that copy.copy / pickle can rebuild it (they restore the attributes)
         super().__init__(scores)
         self.measure, self.policy = measure, policy
-        self.ranks, self.flat, self.on_fraction = ranks, flat, on_fraction
-        self.distances, self.bn_names = distances, bn_names
+        self.ranks, self.flat, self.on_fraction = ranks or {}, flat or {}, on_fraction
+        self.distances, self.bn_names = distances or {}, bn_names or {}
 
     def prune_units(self, sparsity: float) -> dict[str, Tensor]:
         """The units to prune at this sparsity, following the greedy order: int64 indices per

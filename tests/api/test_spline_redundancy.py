@@ -296,6 +296,20 @@ def test_global_and_layerwise_prune_units():
         glob.prune_units(1.5)
 
 
+def test_scores_copy_and_pickle():
+    import copy
+    import pickle
+
+    model, probe = mlp_with_duplicates("cpu")
+    scores = kf.criteria.spline_redundancy(model, probe, policy="global")
+    for clone in (copy.deepcopy(scores), pickle.loads(pickle.dumps(scores))):
+        assert clone.keys() == scores.keys() and clone.policy == "global"
+        assert all(torch.equal(clone.ranks[n], scores.ranks[n]) for n in scores)
+        assert {k: v.tolist() for k, v in clone.prune_units(0.5).items()} == {
+            k: v.tolist() for k, v in scores.prune_units(0.5).items()
+        }
+
+
 def test_probe_batches_and_one_concatenated_batch_give_the_same_distances():
     model, probe = mlp_with_duplicates("cpu")
     whole = kf.criteria.spline_redundancy(model, probe[:150], "hamming")
@@ -342,6 +356,8 @@ def test_errors():
         kf.criteria.spline_redundancy(model, [])
     with pytest.raises(TypeError, match=rf"{fn}: expected probe to be a tensor or a re-iterable .* generator"):
         kf.criteria.spline_redundancy(model, (x for x in [probe]))
+    with pytest.raises(ValueError, match=rf"{fn}: expected probe batch 0 to have a batch dimension, got a 0-dim"):
+        kf.criteria.spline_redundancy(model, torch.tensor(1.0))
     with pytest.raises(TypeError, match=rf"{fn}: expected probe batch 1 to be a tensor"):
         kf.criteria.spline_redundancy(model, [probe, "x"])
     bad = nn.Sequential(nn.Linear(10, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.ReLU(), nn.Linear(4, 2))
