@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -91,7 +92,8 @@ KF_INLINE void pack_flags(const uint8_t* flags, int64_t w0, int64_t w1, int64_t*
   }
 }
 
-// Long rows (inner >= kTiledInner): one unit per work item, runs of `inner` elements.
+// Long strided rows (inner >= kTiledInner, inner stride != 1: channels_last and other layouts):
+// one unit per work item, runs of `inner` elements.
 template <class S>
 void sign_codes_by_unit(const SignInput& in, int64_t* out) {
   const int64_t bits = in.bits();
@@ -168,12 +170,96 @@ void sign_codes_by_tile(const SignInput& in, int64_t* out) {
   });
 }
 
+// Appends bits to one row of codes, a word at a time.
+struct BitWriter {
+  int64_t* out = nullptr;  // the next word to write
+  uint64_t pending = 0;    // bits not yet written, in the low `count` bits
+  int count = 0;           // < 64
+
+  // Appends the n (1..64) low bits of w (the bits above n are zero).
+  KF_INLINE void put(uint64_t w, int n) {
+    pending |= w << count;
+    if (count + n >= kBitsPerWord) {
+      *out++ = static_cast<int64_t>(pending);
+      pending = count == 0 ? 0 : w >> (kBitsPerWord - count);
+      count = count + n - kBitsPerWord;
+    } else {
+      count += n;
+    }
+  }
+  KF_INLINE void flush() {
+    if (count > 0) *out++ = static_cast<int64_t>(pending);
+    pending = 0;
+    count = 0;
+  }
+};
+
+// The flags of n <= 64 contiguous values as the low n bits of a word.
+template <class S>
+KF_INLINE uint64_t pack_run(const S* p, int64_t n) {
+  alignas(64) uint8_t flags[kBitsPerWord];
+  if (n == kBitsPerWord) {
+    for (int k = 0; k < kBitsPerWord; ++k) flags[k] = is_positive(p[k]);  // vectorized
+  } else {
+    for (int64_t k = 0; k < n; ++k) flags[k] = is_positive(p[k]);
+    std::memset(flags + n, 0, static_cast<size_t>(kBitsPerWord - n));
+  }
+  uint64_t word = 0;
+  for (int byte = 0; byte < 8; ++byte) {
+    uint64_t eight;
+    std::memcpy(&eight, flags + 8 * byte, 8);
+    word |= pack_flag_bytes(eight) << (8 * byte);
+  }
+  return word;
+}
+
+// Long contiguous rows (a BatchNorm2d output in NCHW: inner = H * W >= 64, inner stride 1): x is
+// read in memory order, sample by sample, each unit's run appended to its row. A work item is a
+// block of units x a block of samples that starts and ends on a word boundary of every row
+// (o_align samples hold a whole number of words), so items never share a word. Reading in memory
+// order keeps the hardware prefetcher busy: going unit by unit instead reads one page per run.
+constexpr int64_t kStreamUnits = 16;
+constexpr int64_t kStreamItemValues = int64_t{1} << 16;
+
+template <class S>
+void sign_codes_by_stream(const SignInput& in, int64_t* out) {
+  const int64_t words = words_for_bits(in.bits());
+  const int64_t o_align = kBitsPerWord / std::gcd(in.inner, kBitsPerWord);
+  const int64_t per_o = kStreamUnits * in.inner;
+  const int64_t o_block = o_align * std::max<int64_t>(1, kStreamItemValues / (per_o * o_align));
+  const int64_t unit_blocks = (in.units + kStreamUnits - 1) / kStreamUnits;
+  const int64_t o_blocks = (in.outer + o_block - 1) / o_block;
+  const S* x = static_cast<const S*>(in.data);
+  at::parallel_for(0, unit_blocks * o_blocks, 1, [&](int64_t b, int64_t e) {
+    BitWriter rows[kStreamUnits];
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t ub = item / o_blocks;
+      const int64_t u0 = ub * kStreamUnits;
+      const int64_t nu = std::min(kStreamUnits, in.units - u0);
+      const int64_t o0 = (item - ub * o_blocks) * o_block;
+      const int64_t o1 = std::min(in.outer, o0 + o_block);
+      for (int64_t u = 0; u < nu; ++u) rows[u] = BitWriter{out + (u0 + u) * words + o0 * in.inner / kBitsPerWord};
+      for (int64_t o = o0; o < o1; ++o) {
+        for (int64_t u = 0; u < nu; ++u) {
+          const S* p = x + o * in.outer_stride + (u0 + u) * in.unit_stride;
+          int64_t i = 0;
+          for (; i + kBitsPerWord <= in.inner; i += kBitsPerWord) rows[u].put(pack_run(p + i, kBitsPerWord), kBitsPerWord);
+          if (i < in.inner) rows[u].put(pack_run(p + i, in.inner - i), static_cast<int>(in.inner - i));
+        }
+      }
+      for (int64_t u = 0; u < nu; ++u) rows[u].flush();  // only the last item of a row has bits left
+    }
+  });
+}
+
 template <class S>
 void sign_codes_cpu_impl(const SignInput& in, int64_t* out) {
-  if (in.inner >= kTiledInner) {
-    sign_codes_by_unit<S>(in, out);
-  } else {
+  if (in.inner < kTiledInner) {
     sign_codes_by_tile<S>(in, out);
+  } else if (in.inner_stride == 1) {
+    sign_codes_by_stream<S>(in, out);
+  } else {
+    sign_codes_by_unit<S>(in, out);
   }
 }
 

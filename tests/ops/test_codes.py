@@ -67,6 +67,15 @@ def test_sign_codes_work_item_boundaries(device, bits):
     check_sign_codes(signed_values((bits, 3), torch.float32, device, seed=bits + 1), 1)  # a linear layer's output
 
 
+@pytest.mark.parametrize(("outer", "units", "inner"), [(130, 3, 64), (100, 20, 96), (50, 17, 100), (33, 33, 1000)])
+def test_sign_codes_memory_order_blocks(device, outer, units, inner):
+    """Long contiguous rows are coded sample by sample in blocks of units x samples that start on a
+    word boundary (csrc/codes/codes_cpu.cpp, sign_codes_by_stream): cross both kinds of block."""
+    x = signed_values((outer, units, inner), torch.float32, device, seed=outer + units + inner)
+    check_sign_codes(x, 1)
+    check_sign_codes(x[::2], 1)  # a batch stride of its own
+
+
 def test_sign_codes_every_dim_of_a_4d_tensor(device):
     x = signed_values((3, 4, 5, 6), torch.float32, device, seed=7)
     for dim in range(-4, 4):
