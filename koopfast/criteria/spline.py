@@ -156,7 +156,9 @@ def spline_redundancy(
     Args:
         model: a module with ``nn.Linear`` / ``nn.Conv1d/2d/3d`` layers, each optionally followed by
             a BatchNorm (with running statistics) that consumes its output. Layers whose
-            pre-activation is the model's output (the classifier) are not scored.
+            pre-activation is (a view of) the model's output, the classifier, are not scored; a
+            classifier whose output is transformed before it is returned (``log_softmax(fc(x))``)
+            is not recognized as one and gets scores too.
         probe: input data: a batch tensor or a re-iterable of batches (tuples ``(x, ...)`` allowed),
             run in eval mode. With a probe, BatchNorms are paired with layers by following the data
             (a forward pass on two samples), units that never switch on the probe are flagged, and
