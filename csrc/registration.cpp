@@ -43,6 +43,19 @@ TORCH_LIBRARY(koopfast, m) {
   m.def("trajectory_combine(Tensor snapshots, Tensor coeffs, Tensor? anchor, bool wide=False) -> Tensor");
   // float64 [capacity (+1 with an anchor), m]: <snapshots[t], vectors[j]>, and <anchor, vectors[j]>.
   m.def("trajectory_dots(Tensor snapshots, Tensor vectors, Tensor? anchor) -> Tensor");
+
+  // ---- region codes (csrc/codes) ----
+  // Bit-packed signs of pre-activations: int64 codes [units, words] with units = x.size(dim); bit
+  // j = o * inner + i of row u is 1[x[o, u, i] > 0] (o over the dims before dim, i over those
+  // after, row-major), stored in word j / 64 at bit j % 64; words = ceil(bits / 64) and the bits
+  // past the last are 0. x: float16/bfloat16/float32/float64 (NaN gives 0) or bool.
+  m.def("sign_codes(Tensor x, int dim) -> Tensor");
+  // Per row (unit) of each code matrix a[i] [units, words]: the number of differing bits from
+  // b[i] (same shape), or the number of set bits if b is empty. int64 [units] per tensor.
+  m.def("hamming_distance(Tensor[] a, Tensor[] b) -> Tensor[]");
+  // All-pairs distances between the rows (units) of one code matrix: int64 [units, units],
+  // symmetric with a zero diagonal.
+  m.def("pairwise_hamming(Tensor codes) -> Tensor");
 }
 
 namespace {

@@ -7,8 +7,9 @@ from koopfast._loader import load_extension as _load_extension
 
 _C = _load_extension()
 
-from koopfast import criteria, masks, ops, reference  # noqa: E402  (after the core is loaded)
+from koopfast import criteria, earlybird, masks, ops, reference  # noqa: E402  (after the core is loaded)
 from koopfast.dmd import DMD  # noqa: E402
+from koopfast.earlybird import EarlyBird  # noqa: E402
 from koopfast.trajectory import TrajectoryRecorder  # noqa: E402
 
 __version__ = "0.1.0"
@@ -21,4 +22,15 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["DMD", "TrajectoryRecorder", "__version__", "build_info", "criteria", "masks", "ops", "reference"]
+__all__ = [
+    "DMD",
+    "EarlyBird",
+    "TrajectoryRecorder",
+    "__version__",
+    "build_info",
+    "criteria",
+    "earlybird",
+    "masks",
+    "ops",
+    "reference",
+]

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-FAMILIES = ("select", "koopman", "gradflow")
+FAMILIES = ("select", "koopman", "gradflow", "codes")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -33,6 +33,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"\n[{family}] {module.__doc__.strip().splitlines()[0]}", flush=True)
         family_rows = module.run(device, quick=args.quick, repeat=args.repeat)
         print(harness.format_table(family_rows), flush=True)
+        if hasattr(module, "memory_summary"):
+            print(module.memory_summary(family_rows), flush=True)
         rows += family_rows
     print(
         "\nvs baseline: the baseline's time / the method's time (per family: torch.kthvalue; PyDMD, or the authors'"
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Micro-benchmarks: koopfast against what a PyTorch user would write, "
         "same inputs, results checked before timing.",
     )
-    bench.add_argument("--quick", action="store_true", help="small sizes only (CI): N up to 10^7")
+    bench.add_argument("--quick", action="store_true", help="small sizes only (CI)")
     bench.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",

@@ -17,7 +17,10 @@ from koopfast._types import ScoreBy
 
 __all__ = [
     "NUM_SELECT_STATS",
+    "hamming_distance",
+    "pairwise_hamming",
     "select_threshold",
+    "sign_codes",
     "topk_mask",
     "trajectory_combine",
     "trajectory_dots",
@@ -157,3 +160,75 @@ def trajectory_dots(snapshots: Tensor, vectors: Tensor, anchor: Tensor | None) -
 def _trajectory_dots_fake(snapshots, vectors, anchor):
     rows = snapshots.shape[0] + (1 if anchor is not None else 0)
     return snapshots.new_empty((rows, vectors.shape[0]), dtype=torch.float64)
+
+
+# ---- region codes ------------------------------------------------------------------------------------
+
+CODE_WORD_BITS = 64  # bits per int64 word of a code set
+
+
+def sign_codes(x: Tensor, dim: int) -> Tensor:
+    """Bit-packed signs 1[x > 0] of pre-activations: the region codes of the units along ``dim``.
+
+    Args:
+        x: float16/bfloat16/float32/float64 (NaN gives 0, as ``x > 0``) or bool, at least 1-D, any
+            strides (a layout that no reshape can view as [outer, units, inner] is copied first).
+        dim: the unit dimension (channels of a BatchNorm output: 1; features of a linear output: -1).
+
+    Returns:
+        int64 codes ``[units, words]`` on x's device, ``units = x.shape[dim]``,
+        ``words = ceil(bits / 64)``, ``bits = x.numel() / units``. Bit j of row u is
+        ``x[o, u, i] > 0`` with ``j = o * inner + i`` (o over the dims before ``dim``, i over those
+        after, row-major), stored in word ``j // 64`` at bit ``j % 64``; bits past the last are 0.
+    """
+    return torch.ops.koopfast.sign_codes.default(x, dim)
+
+
+def _bits_per_unit(shape: Sequence, dim: int) -> int:
+    dim = dim + len(shape) if dim < 0 else dim
+    bits = 1
+    for i, s in enumerate(shape):
+        if i != dim:
+            bits = bits * s
+    return bits
+
+
+@torch.library.register_fake("koopfast::sign_codes")
+def _sign_codes_fake(x, dim):
+    torch._check(x.dim() >= 1, lambda: "koopfast::sign_codes: expected x to have at least one dimension")
+    torch._check(-x.dim() <= dim < x.dim(), lambda: f"koopfast::sign_codes: expected dim in range, got {dim}")
+    words = (_bits_per_unit(x.shape, dim) + CODE_WORD_BITS - 1) // CODE_WORD_BITS
+    return x.new_empty((x.shape[dim], words), dtype=torch.int64)
+
+
+def hamming_distance(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
+    """Per unit (row), the number of bits in which code set ``a[i]`` differs from ``b[i]``.
+
+    Args:
+        a: non-empty list of int64 code matrices ``[units_i, words_i]`` (any strides), one device.
+        b: ``[]`` (then the distance is to all-zero codes: the number of set bits of each row), or
+            one tensor per ``a[i]`` with its shape.
+
+    Returns:
+        One int64 tensor ``[units_i]`` per ``a[i]``, on a's device: popcount of ``a[i] ^ b[i]``
+        summed over each row's words (all 64 bits of every word count).
+    """
+    return torch.ops.koopfast.hamming_distance.default(list(a), list(b))
+
+
+@torch.library.register_fake("koopfast::hamming_distance")
+def _hamming_distance_fake(a, b):
+    torch._check(len(a) > 0, lambda: "koopfast::hamming_distance: expected a to be a non-empty list of code tensors")
+    return [t.new_empty((t.shape[0],), dtype=torch.int64) for t in a]
+
+
+def pairwise_hamming(codes: Tensor) -> Tensor:
+    """All-pairs Hamming distances between the units (rows) of one int64 code matrix
+    ``[units, words]``: int64 ``[units, units]`` on its device, symmetric, zero diagonal."""
+    return torch.ops.koopfast.pairwise_hamming.default(codes)
+
+
+@torch.library.register_fake("koopfast::pairwise_hamming")
+def _pairwise_hamming_fake(codes):
+    torch._check(codes.dim() == 2, lambda: "koopfast::pairwise_hamming: expected 2-D codes [units, words]")
+    return codes.new_empty((codes.shape[0], codes.shape[0]), dtype=torch.int64)

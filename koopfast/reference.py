@@ -11,16 +11,20 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from koopfast.ops import NUM_SELECT_STATS, _compute_dtype
+from koopfast.ops import CODE_WORD_BITS, NUM_SELECT_STATS, _bits_per_unit, _compute_dtype
 
 __all__ = [
+    "hamming_distance",
+    "pairwise_hamming",
     "scores_of",
     "select_threshold",
+    "sign_codes",
     "stored_values",
     "topk_mask",
     "trajectory_combine",
     "trajectory_dots",
     "trajectory_ingest",
+    "unpack_codes",
 ]
 
 
@@ -119,3 +123,44 @@ def trajectory_dots(snapshots, vectors, anchor):
     if anchor is not None:
         rows = torch.cat([rows, anchor.to(torch.float64)[None]])
     return rows @ vectors.to(torch.float64).transpose(0, 1)
+
+
+# ---- region codes: everything unpacked to bool ---------------------------------------------------------
+
+
+def sign_bits(x: Tensor, dim: int) -> Tensor:
+    """The unpacked codes: bool ``[units, bits]``, row u = ``(x > 0)`` of unit u in bit order."""
+    positive = x if x.dtype == torch.bool else x > 0
+    return positive.movedim(dim, 0).reshape(x.shape[dim], _bits_per_unit(x.shape, dim))
+
+
+def unpack_codes(codes: Tensor, bits: int | None = None) -> Tensor:
+    """bool ``[units, words * 64]`` (or the first ``bits`` columns): bit k of word w at column 64w + k."""
+    shifts = torch.arange(CODE_WORD_BITS, device=codes.device)
+    unpacked = ((codes.unsqueeze(-1) >> shifts) & 1).bool().reshape(codes.shape[0], codes.shape[1] * CODE_WORD_BITS)
+    return unpacked if bits is None else unpacked[:, :bits]
+
+
+def sign_codes(x: Tensor, dim: int) -> Tensor:
+    flags = sign_bits(x, dim)
+    units, bits = flags.shape
+    words = (bits + CODE_WORD_BITS - 1) // CODE_WORD_BITS
+    padded = torch.zeros(units, words * CODE_WORD_BITS, dtype=torch.int64, device=x.device)
+    padded[:, :bits] = flags.to(torch.int64)
+    shifts = torch.arange(CODE_WORD_BITS, device=x.device)
+    # Distinct powers of two: the sum is the bitwise or; bit 63 wraps to the sign bit as intended.
+    return (padded.reshape(units, words, CODE_WORD_BITS) << shifts).sum(-1)
+
+
+def hamming_distance(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
+    out = []
+    for i, x in enumerate(a):
+        bits = unpack_codes(x)
+        other = unpack_codes(b[i]) if b else torch.zeros_like(bits)
+        out.append((bits != other).sum(1))
+    return out
+
+
+def pairwise_hamming(codes: Tensor) -> Tensor:
+    bits = unpack_codes(codes)
+    return (bits.unsqueeze(1) != bits.unsqueeze(0)).sum(-1)

@@ -68,10 +68,40 @@ def _dots_samples(device: str) -> list[tuple]:
     ]
 
 
+def _sign_codes_samples(device: str) -> list[tuple]:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, 7, 3, generator=g).to(device)  # 63 bits per unit along dim 1
+    return [
+        (x, 1),
+        (x.to(memory_format=torch.channels_last), 1),
+        (x.double().transpose(0, 2), -1),
+        (torch.randn(130, 4, generator=g).to(device).half(), 1),
+        (torch.randn(2, 33, generator=g).to(device).bfloat16() > 0, 0),
+    ]
+
+
+def _codes(device: str, units: int, words: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-(2**63), 2**63 - 1, (units, words), generator=g, dtype=torch.int64).to(device)
+
+
+def _hamming_samples(device: str) -> list[tuple]:
+    a = [_codes(device, 5, 3, 1), _codes(device, 1, 70, 2), _codes(device, 4, 9, 3)[:, ::2]]
+    b = [_codes(device, *x.shape, 4) for x in a]
+    return [(a, b), (a, [])]
+
+
+def _pairwise_samples(device: str) -> list[tuple]:
+    return [(_codes(device, 17, 5, 5),), (_codes(device, 3, 40, 6)[:, 1::3],), (_codes(device, 1, 1, 7),)]
+
+
 SAMPLES: dict[str, Callable[[str], list[tuple]]] = {
     "select_threshold": _select_samples,
     "topk_mask": _mask_samples,
     "trajectory_ingest": _ingest_samples,
     "trajectory_combine": _combine_samples,
     "trajectory_dots": _dots_samples,
+    "sign_codes": _sign_codes_samples,
+    "hamming_distance": _hamming_samples,
+    "pairwise_hamming": _pairwise_samples,
 }

@@ -1,5 +1,6 @@
 """Pruning criteria: each returns ``dict[name, Tensor]`` of scores shaped like the parameters,
-higher = keep, ready for :func:`koopfast.masks.global_topk`.
+higher = keep, ready for :func:`koopfast.masks.global_topk`; structured criteria
+(:func:`spline_redundancy`) score output units: ``Tensor[units]`` per weight name.
 """
 
 from koopfast.criteria.gradflow import (
@@ -14,13 +15,16 @@ from koopfast.criteria.gradflow import (
 )
 from koopfast.criteria.koopman import KoopmanScores, koopman_gradient, koopman_magnitude
 from koopfast.criteria.magnitude import magnitude
+from koopfast.criteria.spline import SplineScores, fold_batchnorm, spline_redundancy
 
 __all__ = [
     "GradientFlow",
     "KoopmanScores",
+    "SplineScores",
     "biased_loss_preservation",
     "cross_entropy",
     "fisher",
+    "fold_batchnorm",
     "gradient_flow",
     "gradient_norm_preservation",
     "grasp",
@@ -28,4 +32,5 @@ __all__ = [
     "koopman_magnitude",
     "loss_preservation",
     "magnitude",
+    "spline_redundancy",
 ]
