@@ -7,7 +7,7 @@ from koopfast._loader import load_extension as _load_extension
 
 _C = _load_extension()
 
-from koopfast import criteria, masks, ops, reference  # noqa: E402  (after the core is loaded)
+from koopfast import criteria, masks, ops, prune, reference  # noqa: E402  (after the core is loaded)
 
 __version__ = "0.1.0"
 
@@ -19,4 +19,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["__version__", "build_info", "criteria", "masks", "ops", "reference"]
+__all__ = ["__version__", "build_info", "criteria", "masks", "ops", "prune", "reference"]
