@@ -55,19 +55,22 @@ class _Layer:
 def _layers(model_or_params, names: list[str], fn: str) -> list[_Layer]:
     out = []
     if isinstance(model_or_params, nn.Module):
-        params = dict(model_or_params.named_parameters())
         for name in names:
-            if name not in params:
-                raise ValueError(f"{fn}: expected score names among the model's parameter names, got unknown {name!r}")
+            # Attributes rather than named_parameters(): a layer pruned by torch.nn.utils.prune
+            # keeps its (masked) weight as a plain attribute.
             prefix, _, attr = name.rpartition(".")
-            module = model_or_params.get_submodule(prefix)
+            try:
+                module = model_or_params.get_submodule(prefix)
+            except AttributeError:
+                module = None
+            weight = getattr(module, attr, None) if module is not None else None
+            if not isinstance(weight, Tensor):
+                raise ValueError(f"{fn}: expected score names among the model's parameter names, got unknown {name!r}")
             bias = getattr(module, "bias", None) if attr == "weight" else None
             bias_name = f"{prefix}.bias" if prefix else "bias"
             transposed = isinstance(module, _TRANSPOSED)
             groups = getattr(module, "groups", 1) if transposed else 1
-            out.append(
-                _Layer(name, params[name], bias_name if isinstance(bias, Tensor) else None, bias, transposed, groups)
-            )
+            out.append(_Layer(name, weight, bias_name if isinstance(bias, Tensor) else None, bias, transposed, groups))
         return out
     if not isinstance(model_or_params, Mapping):
         raise TypeError(f"{fn}: expected a model or a dict of named parameters, got {type(model_or_params).__name__}")
