@@ -27,13 +27,22 @@ namespace koopfast {
 namespace {
 
 constexpr int64_t kBlock = 64;
+// Below this many elements in all, one thread does the work: these loops stream at about one
+// element per nanosecond, so waking a second thread (tens of microseconds, far more when the
+// cores are shared) costs more than it saves.
+constexpr int64_t kParallelMinElements = int64_t{1} << 17;
 
 template <class F>
 void for_each_chunk(const MaskLists& in, F&& f) {
   const std::vector<Chunk> chunks = make_chunks(in.numels);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
+  const auto body = [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) f(c, chunks[c]);
-  });
+  };
+  if (in.total < kParallelMinElements) {
+    body(0, static_cast<int64_t>(chunks.size()));
+  } else {
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, body);
+  }
 }
 
 // Calls f(TypeTag<U>) with U the unsigned integer of the element size of a floating dtype.
