@@ -5,9 +5,10 @@
 // share an output byte. Contiguous tensors take block loops that the compiler vectorizes;
 // strided ones a per-run loop over logical order.
 //
-// apply_masks reads each 64-element block of a target and writes it back only if some pruned
-// element in it is not already +0: re-applying a mask to a tensor whose pruned entries are still
-// zero (parameters after a masked-gradient step) costs a read, not a read and a write.
+// apply_masks works on 64-element blocks (8 mask bytes, lane masks from a 256-entry table) and
+// writes a block back only if some pruned element in it is not already +0: re-applying a mask to
+// a tensor whose pruned entries are still zero (parameters after a masked-gradient step) costs a
+// read, not a read and a write.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -167,13 +168,74 @@ at::Tensor count_masks_cpu(at::TensorList masks, at::IntArrayRef numels) {
 
 // ---- apply --------------------------------------------------------------------------------------------
 
-// Zeroes x[k] where keep[k] == 0 (k < m), storing the block only if a pruned x[k] has a nonzero bit.
+// lanes[b][k]: all ones if bit k of mask byte b is 0 (element k pruned), else 0. One table
+// lookup turns a mask byte into the 8 lane masks that vectorized loops need.
 template <class U>
-KF_INLINE void zero_block(U* x, const uint8_t* keep, int64_t m) {
+struct PrunedLanes {
+  U lanes[256][8];
+  constexpr PrunedLanes() : lanes() {
+    for (int b = 0; b < 256; ++b) {
+      for (int k = 0; k < 8; ++k) lanes[b][k] = ((b >> k) & 1) ? U(0) : static_cast<U>(~U(0));
+    }
+  }
+};
+template <class U>
+constexpr PrunedLanes<U> kPrunedLanes{};
+
+// Some pruned element of the 64-element block x (mask bytes `bits`) has a nonzero bit.
+template <class U>
+KF_INLINE bool block_dirty(const U* x, const uint8_t* bits) {
   U dirty = 0;
-  for (int64_t k = 0; k < m; ++k) dirty |= x[k] & static_cast<U>(U(keep[k]) - U(1));
-  if (dirty == 0) return;
-  for (int64_t k = 0; k < m; ++k) x[k] &= static_cast<U>(U(0) - U(keep[k]));
+  for (int w = 0; w < 8; ++w) {
+    const U* lane = kPrunedLanes<U>.lanes[bits[w]];
+    for (int k = 0; k < 8; ++k) dirty |= x[8 * w + k] & lane[k];
+  }
+  return dirty != 0;
+}
+
+template <class U>
+KF_INLINE void zero_block(U* x, const uint8_t* bits) {
+  for (int w = 0; w < 8; ++w) {
+    const U* lane = kPrunedLanes<U>.lanes[bits[w]];
+    for (int k = 0; k < 8; ++k) x[8 * w + k] &= static_cast<U>(~lane[k]);
+  }
+}
+
+// After a block that needed writing, the next kDirtyRun blocks are written without checking:
+// a first application (every block dirty) then runs at the speed of one read-and-write pass,
+// and a re-application (every block already clean) at the speed of a read.
+constexpr int kDirtyRun = 15;
+
+// Contiguous target, contiguous bool mask or packed mask (byte stride s).
+template <class U>
+void apply_contiguous(U* x, const uint8_t* mask, bool packed, int64_t s, int64_t begin, int64_t end) {
+  alignas(8) uint8_t bytes[8];
+  int run = 0;
+  int64_t i = begin;  // a multiple of kBlock: chunks start at multiples of 2^16
+  for (; i + kBlock <= end; i += kBlock) {
+    const uint8_t* bits = bytes;
+    if (packed && s == 1) {
+      bits = mask + (i >> 3);
+    } else if (packed) {
+      for (int w = 0; w < 8; ++w) bytes[w] = mask[((i >> 3) + w) * s];
+    } else {
+      for (int w = 0; w < 8; ++w) {
+        uint64_t eight;
+        std::memcpy(&eight, mask + i + 8 * w, 8);
+        bytes[w] = pack8(eight);
+      }
+    }
+    if (run > 0) {
+      zero_block<U>(x + i, bits);
+      --run;
+    } else if (block_dirty<U>(x + i, bits)) {
+      zero_block<U>(x + i, bits);
+      run = kDirtyRun;
+    }
+  }
+  for (; i < end; ++i) {
+    if (!(packed ? packed_bit(mask, s, i) : mask[i] != 0)) x[i] = U(0);
+  }
 }
 
 template <class U>
@@ -182,20 +244,7 @@ void apply_chunk(const TensorView& t, const TensorView& m, const Chunk& ch) {
   const uint8_t* mask = static_cast<const uint8_t*>(m.data);
   const bool packed = is_packed(m);
   if (t.contiguous() && (packed || m.contiguous())) {
-    const int64_t s = packed ? m.strides[0] : 1;
-    alignas(8) uint8_t buf[kBlock];
-    for (int64_t i = ch.begin; i < ch.end; i += kBlock) {  // ch.begin is a multiple of kBlock
-      const int64_t n = std::min<int64_t>(kBlock, ch.end - i);
-      const uint8_t* keep = mask + i;
-      if (packed) {
-        for (int64_t w = 0; w < packed_bytes(n); ++w) {
-          const uint64_t v = unpack8(mask[((i >> 3) + w) * s]);
-          std::memcpy(buf + 8 * w, &v, 8);
-        }
-        keep = buf;
-      }
-      zero_block<U>(x + i, keep, n);
-    }
+    apply_contiguous<U>(x, mask, packed, packed ? m.strides[0] : 1, ch.begin, ch.end);
     return;
   }
   if (packed) {

@@ -168,6 +168,24 @@ def test_reapplying_is_idempotent_and_leaves_kept_entries_alone(device):
     assert int((x != 0).sum()) == int(mask.sum())
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_apply_over_alternating_clean_and_dirty_blocks(device, dtype):
+    """Blocks of 64 whose pruned entries are already zero next to blocks that need writing, and
+    lone dirty blocks far apart: every path of the CPU kernel's check-then-write loop."""
+    gen = torch.Generator().manual_seed(9)
+    n = 64 * 2000 + 37
+    mask = torch.rand(n, generator=gen) < 0.3
+    x = torch.randn(n, generator=gen).to(dtype)
+    block = torch.arange(n) // 64
+    clean = ((block // 7) % 3 == 0) | (block > 1000)
+    x[clean & ~mask] = 0
+    lone = torch.arange(1100, 2000, 37) * 64 + 5  # one nonzero pruned entry in far-apart blocks
+    mask[lone] = False
+    x[lone] = 1.5
+    for form in (mask, kf.ops.pack_masks([mask])[0]):
+        check_apply([x.clone().to(device)], [form.to(device)], [0])
+
+
 def test_empty_lists_are_valid_calls():
     assert kf.ops.pack_masks([]) == []
     assert kf.ops.unpack_masks([], []) == []
