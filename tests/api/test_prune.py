@@ -159,6 +159,25 @@ def test_ties_prune_the_last_entries_in_parameter_order():
     assert kept.tolist() == [1.0] * (n - 10) + [0.0] * 10
 
 
+def test_zero_scores_at_the_threshold_never_revive_pruned_entries():
+    """Iterative pruning where the threshold is 0: entries pruned before also score 0 and come
+    first in order, yet only unpruned zero-score entries may be kept (the first ones in order)."""
+    lin1, lin2 = nn.Linear(4, 3, bias=False), nn.Linear(3, 2, bias=False)
+    params = [(lin1, "weight"), (lin2, "weight")]
+    with torch.no_grad():
+        lin1.weight.copy_(torch.arange(1.0, 13.0).reshape(3, 4))
+        lin2.weight.copy_(torch.arange(13.0, 19.0).reshape(2, 3))
+    kf_prune.global_unstructured(params, kf_prune.L1Unstructured, amount=4)  # prunes 1, 2, 3, 4 of lin1
+    with torch.no_grad():
+        lin1.weight_orig[1:].zero_()  # 8 unpruned entries of lin1 now score 0
+        lin2.weight_orig[0, 0] = 0.0  # and one of lin2
+    lin2(lin1(torch.zeros(1, 4)))  # the forward pre-hooks refresh weight = weight_orig * weight_mask
+    # 14 unpruned: 5 positive (lin2), 9 zero; prune 6 -> keep the 5 positive + the first 3 zeros
+    kf_prune.global_unstructured(params, kf_prune.L1Unstructured, amount=6)
+    assert lin1.weight_mask.reshape(-1).tolist() == [0.0] * 4 + [1.0] * 3 + [0.0] * 5
+    assert lin2.weight_mask.reshape(-1).tolist() == [0.0] + [1.0] * 5
+
+
 def test_nan_scores_raise_naming_the_parameter_and_leave_the_model_alone():
     model = make_model()
     before = copy.deepcopy(model.state_dict())
