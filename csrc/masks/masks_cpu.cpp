@@ -183,21 +183,27 @@ template <class U>
 constexpr PrunedLanes<U> kPrunedLanes{};
 
 // Some pruned element of the 64-element block x (mask bytes `bits`) has a nonzero bit.
+// (Both loops are shaped for the compiler's vectorizer: one accumulator per lane, and loads and
+// stores through a local array; a single accumulator or `x[i] &= ...` compile to scalar code.)
 template <class U>
 KF_INLINE bool block_dirty(const U* x, const uint8_t* bits) {
-  U dirty = 0;
+  U dirty[8] = {};
   for (int w = 0; w < 8; ++w) {
     const U* lane = kPrunedLanes<U>.lanes[bits[w]];
-    for (int k = 0; k < 8; ++k) dirty |= x[8 * w + k] & lane[k];
+    for (int k = 0; k < 8; ++k) dirty[k] |= x[8 * w + k] & lane[k];
   }
-  return dirty != 0;
+  U any = 0;
+  for (int k = 0; k < 8; ++k) any |= dirty[k];
+  return any != 0;
 }
 
 template <class U>
 KF_INLINE void zero_block(U* x, const uint8_t* bits) {
   for (int w = 0; w < 8; ++w) {
     const U* lane = kPrunedLanes<U>.lanes[bits[w]];
-    for (int k = 0; k < 8; ++k) x[8 * w + k] &= static_cast<U>(~lane[k]);
+    U kept[8];
+    for (int k = 0; k < 8; ++k) kept[k] = x[8 * w + k] & static_cast<U>(~lane[k]);
+    for (int k = 0; k < 8; ++k) x[8 * w + k] = kept[k];
   }
 }
 
@@ -208,7 +214,7 @@ constexpr int kDirtyRun = 15;
 
 // Contiguous target, contiguous bool mask or packed mask (byte stride s).
 template <class U>
-void apply_contiguous(U* x, const uint8_t* mask, bool packed, int64_t s, int64_t begin, int64_t end) {
+KF_INLINE void apply_contiguous_body(U* x, const uint8_t* mask, bool packed, int64_t s, int64_t begin, int64_t end) {
   alignas(8) uint8_t bytes[8];
   int run = 0;
   int64_t i = begin;  // a multiple of kBlock: chunks start at multiples of 2^16
@@ -236,6 +242,11 @@ void apply_contiguous(U* x, const uint8_t* mask, bool packed, int64_t s, int64_t
   for (; i < end; ++i) {
     if (!(packed ? packed_bit(mask, s, i) : mask[i] != 0)) x[i] = U(0);
   }
+}
+
+template <class U>
+void apply_contiguous(U* x, const uint8_t* mask, bool packed, int64_t s, int64_t begin, int64_t end) {
+  apply_contiguous_body<U>(x, mask, packed, s, begin, end);
 }
 
 template <class U>
