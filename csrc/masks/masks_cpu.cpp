@@ -7,8 +7,9 @@
 //
 // apply_masks works on 64-element blocks (8 mask bytes, lane masks from a 256-entry table) and
 // writes a block back only if some pruned element in it is not already +0: re-applying a mask to
-// a tensor whose pruned entries are still zero (parameters after a masked-gradient step) costs a
-// read, not a read and a write.
+// a tensor whose pruned entries are still zero (parameters after a masked-gradient step) moves
+// half the bytes (a read, no write-back). Measured on the 2-core development machine it is not
+// yet faster than a first application (bench/RESULTS.md): the check loop, not memory, limits it.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -207,9 +208,8 @@ KF_INLINE void zero_block(U* x, const uint8_t* bits) {
   }
 }
 
-// After a block that needed writing, the next kDirtyRun blocks are written without checking:
-// a first application (every block dirty) then runs at the speed of one read-and-write pass,
-// and a re-application (every block already clean) at the speed of a read.
+// After a block that needed writing, the next kDirtyRun blocks are written without checking,
+// so that a first application (every block dirty) runs as one read-and-write pass.
 constexpr int kDirtyRun = 15;
 
 // Contiguous target, contiguous bool mask or packed mask (byte stride s).
