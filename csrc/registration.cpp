@@ -56,6 +56,22 @@ TORCH_LIBRARY(koopfast, m) {
   // All-pairs distances between the rows (units) of one code matrix: int64 [units, units],
   // symmetric with a zero diagonal.
   m.def("pairwise_hamming(Tensor codes) -> Tensor");
+
+  // ---- masks (csrc/masks) ----
+  // Packed format: ceil(n / 8) uint8 bytes, bit i of byte j = element 8j + i in logical
+  // (row-major) order, i.e. numpy.packbits(bitorder="little"); bits past n are 0.
+  // Bool masks (any shapes and strides) -> packed masks (1-D uint8, contiguous).
+  m.def("pack_masks(Tensor[] masks) -> Tensor[]");
+  // Packed masks of numels[i] elements -> 1-D contiguous bool masks of numels[i] elements.
+  m.def("unpack_masks(Tensor[] packed, int[] numels) -> Tensor[]");
+  // int64[len(masks)]: the number of True elements of each mask, bool (numels[i] must be its
+  // numel) or packed (numels[i] elements; bits past them are ignored).
+  m.def("count_masks(Tensor[] masks, int[] numels) -> Tensor");
+  // In place, in one pass over all targets (parameters, gradients, optimizer states...): sets to
+  // +0 the elements of targets[i] where masks[mask_index[i]] is False. A mask is bool with the
+  // target's shape, or packed. Targets are floating-point, must not share memory, and may share
+  // masks.
+  m.def("apply_masks(Tensor(a!)[] targets, Tensor[] masks, int[] mask_index) -> ()");
 }
 
 namespace {

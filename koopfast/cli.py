@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-FAMILIES = ("select", "koopman", "gradflow", "codes")
+FAMILIES = ("select", "masks", "koopman", "gradflow", "codes")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -21,6 +21,7 @@ def _bench(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("koopfast bench: --device cuda requested, but torch sees no CUDA device", file=sys.stderr)
         return 2
+    families = args.family or FAMILIES
     print(f"koopfast bench on {harness.describe_device(device)}{' (--quick)' if args.quick else ''}", flush=True)
     families = FAMILIES if args.only is None else tuple(args.only.split(","))
     unknown = [f for f in families if f not in FAMILIES]
@@ -33,8 +34,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"\n[{family}] {module.__doc__.strip().splitlines()[0]}", flush=True)
         family_rows = module.run(device, quick=args.quick, repeat=args.repeat)
         print(harness.format_table(family_rows), flush=True)
-        if hasattr(module, "memory_summary"):
-            print(module.memory_summary(family_rows), flush=True)
+        if hasattr(module, "summary"):
+            print(module.summary(family_rows), flush=True)
         rows += family_rows
     print(
         "\nvs baseline: the baseline's time / the method's time (per family: torch.kthvalue; PyDMD, or the authors'"

@@ -2,8 +2,9 @@
 
 Each wrapper is a one-line call of the registered op; schemas live in csrc/registration.cpp and
 pure-PyTorch twins with identical signatures in :mod:`koopfast.reference`. Inputs are never
-modified. Fake kernels compute output metadata only, so every op works under
-``torch.compile(fullgraph=True)``, ``torch.export`` and FakeTensor tracing.
+modified, except the targets of ``apply_masks`` (declared mutable in its schema). Fake kernels
+compute output metadata only, so every op works under ``torch.compile(fullgraph=True)``,
+``torch.export`` and FakeTensor tracing.
 """
 
 from __future__ import annotations
@@ -232,3 +233,68 @@ def pairwise_hamming(codes: Tensor) -> Tensor:
 def _pairwise_hamming_fake(codes):
     torch._check(codes.dim() == 2, lambda: "koopfast::pairwise_hamming: expected 2-D codes [units, words]")
     return codes.new_empty((codes.shape[0], codes.shape[0]), dtype=torch.int64)
+
+
+# ---- masks ------------------------------------------------------------------------------------------
+# Packed format: ceil(n / 8) uint8 bytes; bit i of byte j is element 8j + i of the mask in logical
+# (row-major) order: numpy.packbits(mask.ravel(), bitorder="little").
+
+
+def pack_masks(masks: Sequence[Tensor]) -> list[Tensor]:
+    """Bool masks (any shapes and strides, one device) -> packed masks: 1-D contiguous uint8
+    tensors of ``ceil(mask.numel() / 8)`` bytes on the masks' device; bits past the end are 0."""
+    return torch.ops.koopfast.pack_masks.default(list(masks))
+
+
+@torch.library.register_fake("koopfast::pack_masks")
+def _pack_masks_fake(masks):
+    return [m.new_empty(((m.numel() + 7) // 8,), dtype=torch.uint8) for m in masks]
+
+
+def unpack_masks(packed: Sequence[Tensor], numels: Sequence[int]) -> list[Tensor]:
+    """Packed masks (1-D uint8 of ``ceil(numels[i] / 8)`` bytes, one device) -> 1-D contiguous
+    bool masks of ``numels[i]`` elements on that device (reshape them to the tensors' shapes)."""
+    return torch.ops.koopfast.unpack_masks.default(list(packed), list(numels))
+
+
+@torch.library.register_fake("koopfast::unpack_masks")
+def _unpack_masks_fake(packed, numels):
+    return [p.new_empty((n,), dtype=torch.bool) for p, n in zip(packed, numels)]
+
+
+def count_masks(masks: Sequence[Tensor], numels: Sequence[int]) -> Tensor:
+    """int64[len(masks)] on the masks' device: the number of True elements of each mask.
+
+    ``masks[i]`` is bool with ``numels[i]`` elements (any shape and strides), or packed (1-D
+    uint8 of ``ceil(numels[i] / 8)`` bytes; bits past ``numels[i]`` are ignored).
+    """
+    return torch.ops.koopfast.count_masks.default(list(masks), list(numels))
+
+
+@torch.library.register_fake("koopfast::count_masks")
+def _count_masks_fake(masks, numels):
+    if not masks:
+        return torch.empty((0,), dtype=torch.int64)
+    return masks[0].new_empty((len(masks),), dtype=torch.int64)
+
+
+def apply_masks(targets: Sequence[Tensor], masks: Sequence[Tensor], mask_index: Sequence[int]) -> None:
+    """In place, in one pass: set to +0 every element of ``targets[i]`` where
+    ``masks[mask_index[i]]`` is False (also a NaN, an infinity or -0 there); kept elements are
+    untouched.
+
+    Args:
+        targets: float16/bfloat16/float32/float64 tensors of any shapes and strides on one
+            device (parameters, gradients, optimizer states, ...), not sharing memory, without
+            internal overlap. Leaf tensors that require grad need ``torch.no_grad()``.
+        masks: bool tensors shaped like the targets they serve, or packed masks (1-D uint8 of
+            ``ceil(target.numel() / 8)`` bytes); on the targets' device. One mask may serve many
+            targets (a parameter, its gradient and its optimizer states).
+        mask_index: for each target, the index of its mask in ``masks``.
+    """
+    torch.ops.koopfast.apply_masks.default(list(targets), list(masks), list(mask_index))
+
+
+@torch.library.register_fake("koopfast::apply_masks")
+def _apply_masks_fake(targets, masks, mask_index):
+    return None

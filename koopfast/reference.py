@@ -164,3 +164,46 @@ def hamming_distance(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
 def pairwise_hamming(codes: Tensor) -> Tensor:
     bits = unpack_codes(codes)
     return (bits.unsqueeze(1) != bits.unsqueeze(0)).sum(-1)
+
+
+# ---- masks ------------------------------------------------------------------------------------------
+
+__all__ += ["apply_masks", "count_masks", "pack_masks", "unpack_masks"]
+
+_BIT_WEIGHTS = [1 << i for i in range(8)]
+
+
+def pack_masks(masks: Sequence[Tensor]) -> list[Tensor]:
+    out = []
+    for m in masks:
+        flat = m.reshape(-1).to(torch.int64)
+        pad = (-flat.numel()) % 8
+        bits = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, 8)
+        weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.int64, device=m.device)
+        out.append((bits * weights).sum(1).to(torch.uint8))
+    return out
+
+
+def unpack_masks(packed: Sequence[Tensor], numels: Sequence[int]) -> list[Tensor]:
+    out = []
+    for p, n in zip(packed, numels):
+        weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.int64, device=p.device)
+        bits = (p.to(torch.int64).reshape(-1, 1) & weights) != 0
+        out.append(bits.reshape(-1)[:n].clone())
+    return out
+
+
+def count_masks(masks: Sequence[Tensor], numels: Sequence[int]) -> Tensor:
+    counts = []
+    for m, n in zip(masks, numels):
+        bools = unpack_masks([m], [n])[0] if m.dtype == torch.uint8 else m.reshape(-1)
+        counts.append(int(bools.sum()))
+    device = masks[0].device if masks else None
+    return torch.tensor(counts, dtype=torch.int64, device=device)
+
+
+def apply_masks(targets: Sequence[Tensor], masks: Sequence[Tensor], mask_index: Sequence[int]) -> None:
+    for t, j in zip(targets, mask_index):
+        m = masks[j]
+        keep = unpack_masks([m], [t.numel()])[0].reshape(t.shape) if m.dtype == torch.uint8 else m
+        t.copy_(torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device)))

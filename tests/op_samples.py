@@ -95,6 +95,47 @@ def _pairwise_samples(device: str) -> list[tuple]:
     return [(_codes(device, 17, 5, 5),), (_codes(device, 3, 40, 6)[:, 1::3],), (_codes(device, 1, 1, 7),)]
 
 
+# ---- masks ------------------------------------------------------------------------------------------
+
+
+def _bool_masks(device: str) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return [
+        (torch.rand(7, 5, generator=g) < 0.4).to(device),
+        (torch.rand(3, generator=g) < 0.5).to(device),
+        (torch.rand(6, 4, generator=g) < 0.5).to(device).t(),  # non-contiguous
+        torch.ones(0, 2, dtype=torch.bool, device=device),
+    ]
+
+
+def _pack_samples(device: str) -> list[tuple]:
+    return [(_bool_masks(device),), ([_bool_masks(device)[2]],)]
+
+
+def _unpack_samples(device: str) -> list[tuple]:
+    masks = _bool_masks(device)
+    return [(kf.ops.pack_masks(masks), [m.numel() for m in masks])]
+
+
+def _count_samples(device: str) -> list[tuple]:
+    masks = _bool_masks(device)
+    packed = kf.ops.pack_masks(masks)
+    return [(masks, [m.numel() for m in masks]), ([packed[0], masks[1]], [35, 3])]
+
+
+def _apply_samples(device: str) -> list[tuple]:
+    g = torch.Generator().manual_seed(3)
+    masks = _bool_masks(device)
+    packed = kf.ops.pack_masks(masks)
+    targets = [torch.randn(m.shape, generator=g).to(device) for m in masks]
+    grads = [torch.randn(m.shape, generator=g).to(device).to(torch.bfloat16) for m in masks[:2]]
+    return [
+        (targets, masks, [0, 1, 2, 3]),
+        (targets[:2] + grads, packed[:2], [0, 1, 0, 1]),
+        ([torch.randn(6, 4, generator=g).double().to(device).t()], [masks[2]], [0]),
+    ]
+
+
 SAMPLES: dict[str, Callable[[str], list[tuple]]] = {
     "select_threshold": _select_samples,
     "topk_mask": _mask_samples,
@@ -104,4 +145,8 @@ SAMPLES: dict[str, Callable[[str], list[tuple]]] = {
     "sign_codes": _sign_codes_samples,
     "hamming_distance": _hamming_samples,
     "pairwise_hamming": _pairwise_samples,
+    "pack_masks": _pack_samples,
+    "unpack_masks": _unpack_samples,
+    "count_masks": _count_samples,
+    "apply_masks": _apply_samples,
 }

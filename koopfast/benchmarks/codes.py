@@ -244,7 +244,7 @@ def run(device: torch.device, *, quick: bool = False, repeat: int | None = None)
     return fill_ratios(rows, BOOL, STREAM)  # ratios against torch bool comparisons, the issue's yardstick
 
 
-def memory_summary(rows: list[Row]) -> str:
+def summary(rows: list[Row]) -> str:
     """What a detector keeps per epoch with each method, and the ratio to torch bool masks."""
     lines = ["case                         method                     kept per epoch MB  vs torch bool"]
     for case in dict.fromkeys(r.case for r in rows):

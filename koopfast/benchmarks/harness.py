@@ -53,13 +53,28 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device, *, repeat: int = 5, warmup: int = 1) -> Timing:
-    """Median and minimum wall time of fn() over `repeat` runs after `warmup` runs."""
+def time_fn(
+    fn: Callable[[], Any],
+    device: torch.device,
+    *,
+    repeat: int = 5,
+    warmup: int = 1,
+    setup: Callable[[], Any] | None = None,
+) -> Timing:
+    """Median and minimum wall time of fn() over `repeat` runs after `warmup` runs.
+
+    ``setup()``, if given, runs untimed before every run (to restore inputs that fn modifies).
+    """
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         fn()
     synchronize(device)
     times = []
     for _ in range(repeat):
+        if setup is not None:
+            setup()
+            synchronize(device)
         if device.type == "cuda":
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

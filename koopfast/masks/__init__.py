@@ -1,0 +1,38 @@
+"""Masks: selection from scores, packed storage, application, training, structure, reports, files.
+
+Scores are "higher = keep"; masks are bool tensors (True = keep) or :class:`PackedMask` es (8
+elements per byte) in the structure of the scores or parameters they belong to
+(``dict[name, ...]`` or a list).
+
+- selection: :func:`global_topk`, :func:`layerwise_topk` (exact counts, deterministic ties) and
+  :func:`structured_topk` (whole output units);
+- storage: :class:`PackedMask`, :func:`pack`, :func:`unpack`; files: :func:`save`, :func:`load`;
+- use: :func:`apply_` (zero pruned entries in place, one fused pass) and :class:`Masked` (keep
+  them zero through training, no forward hook, no weight copy);
+- inspection: :func:`report` (per-tensor and total sparsity, as data and as a table).
+"""
+
+from koopfast.masks.apply import apply_
+from koopfast.masks.io import load, save
+from koopfast.masks.packed import PackedMask, pack, unpack
+from koopfast.masks.report import LayerSparsity, SparsityReport, report
+from koopfast.masks.structured import structured_topk
+from koopfast.masks.topk import global_topk, keep_count, layerwise_topk
+from koopfast.masks.training import Masked
+
+__all__ = [
+    "LayerSparsity",
+    "Masked",
+    "PackedMask",
+    "SparsityReport",
+    "apply_",
+    "global_topk",
+    "keep_count",
+    "layerwise_topk",
+    "load",
+    "pack",
+    "report",
+    "save",
+    "structured_topk",
+    "unpack",
+]
