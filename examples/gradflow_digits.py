@@ -27,19 +27,6 @@ CRITERIA = (
 )
 
 
-def unit_masks(model, scores, sparsity):
-    """Whole output units of the hidden layers from per-unit scores (the last layer is kept)."""
-    hidden = {n: s for n, s in scores.items() if n != "4.weight"}
-    keep = kf.masks.global_topk(hidden, sparsity)
-    masks = {}
-    for name, p in model.named_parameters():
-        layer = name.rsplit(".", 1)[0] + ".weight"
-        if layer in keep:
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            masks[name] = keep[layer].reshape(shape).expand_as(p).clone()
-    return masks
-
-
 def run(args) -> None:
     split = _digits.load(seed=0)
     model = _digits.mlp((256, 128), seed=0)
@@ -62,18 +49,15 @@ def run(args) -> None:
         cells = []
         for sparsity in sparsities:
             model.load_state_dict(state)
-            masks = unit_masks(model, scores, sparsity) if args.filter else kf.masks.global_topk(scores, sparsity)
-
-            def keep_zero(_=None, masks=masks):
-                with torch.no_grad():
-                    for n, p in model.named_parameters():
-                        if n in masks:
-                            p.mul_(masks[n])
-
-            keep_zero()
-            before = _digits.accuracy(model, split.x_test, split.y_test)
+            if args.filter:  # whole hidden units (the output layer's units are the classes: kept)
+                hidden = {n: s for n, s in scores.items() if n != "4.weight"}
+                masks = kf.masks.structured_topk(hidden, model, sparsity)
+            else:
+                masks = kf.masks.global_topk(scores, sparsity)
             opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-            _digits.train(model, split, steps=args.fine_tune, optimizer=opt, seed=2, after_step=keep_zero)
+            with kf.masks.Masked(model, masks, opt):  # prunes now, keeps pruned entries at zero
+                before = _digits.accuracy(model, split.x_test, split.y_test)
+                _digits.train(model, split, steps=args.fine_tune, optimizer=opt, seed=2)
             cells.append(f"{before:.3f} / {_digits.accuracy(model, split.x_test, split.y_test):.3f}")
         print(f"{measure:28s}" + "".join(f"{c:>16s}" for c in cells))
     model.load_state_dict(state)

@@ -21,15 +21,13 @@ from koopfast import _digits
 
 
 def apply(model, masks):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in masks:
-                p.mul_(masks[name])
+    kf.masks.apply_(model, masks)
 
 
 def fine_tune(model, masks, split, steps):
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-    _digits.train(model, split, steps=steps, optimizer=opt, seed=1, after_step=lambda _: apply(model, masks))
+    with kf.masks.Masked(model, masks, opt):  # pruned entries stay exactly zero
+        _digits.train(model, split, steps=steps, optimizer=opt, seed=1)
 
 
 def run(split, pretrain: int, window: int, tune: int) -> None:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from koopfast import ops
 from koopfast._probe import Probe, check_probe, first_batch, model_device, record_codes
 from koopfast._spline_layers import SplineLayer, registered_spline_layers, traced_spline_layers
-from koopfast.masks import keep_count
+from koopfast.masks import keep_count, structured_topk
 
 __all__ = ["SplineScores", "fold_batchnorm", "spline_redundancy"]
 
@@ -128,6 +128,14 @@ class SplineScores(dict):
         self.measure, self.policy = measure, policy
         self.ranks, self.flat, self.on_fraction = ranks or {}, flat or {}, on_fraction
         self.distances, self.bn_names = distances or {}, bn_names or {}
+
+    def masks(self, model: nn.Module, sparsity: float) -> dict[str, Tensor]:
+        """Structured masks (:func:`koopfast.masks.structured_topk`) that prune exactly the units
+        :meth:`prune_units` names: whole rows/channels of each scored weight and its bias, chosen
+        by the greedy order (per layer or over all layers, as the scores' policy)."""
+        order = {name: r.to(torch.float64) for name, r in self.ranks.items()}  # removed later = kept
+        scope = "layerwise" if self.policy == "layerwise" else "global"
+        return structured_topk(order, model, sparsity, scope=scope)
 
     def prune_units(self, sparsity: float) -> dict[str, Tensor]:
         """The units to prune at this sparsity, following the greedy order: int64 indices per

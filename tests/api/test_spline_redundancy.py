@@ -374,3 +374,18 @@ def test_cuda_model_matches_cpu_model():
     gpu = kf.criteria.spline_redundancy(model.cuda(), probe, "hamming", "global")  # probe moved to the model
     for name in cpu:
         assert torch.equal(cpu.ranks[name], gpu.ranks[name])
+
+
+@pytest.mark.parametrize("policy", ["layerwise", "global"])
+def test_structured_masks_prune_the_greedy_choice(policy):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+    scores = kf.criteria.spline_redundancy(model, policy=policy)
+    masks = scores.masks(model, 0.5)
+    pruned = scores.prune_units(0.5)
+    for name, units in pruned.items():
+        row_kept = masks[name].reshape(masks[name].shape[0], -1).all(1)
+        assert not row_kept[units].any()
+        assert int(row_kept.sum()) + units.numel() == masks[name].shape[0]
+        bias = name.replace("weight", "bias")
+        assert torch.equal(masks[bias], row_kept)
