@@ -22,7 +22,37 @@ inline double dot_impl(const double* x, const T* y, int64_t n) {
   return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
 }
 
+
+inline double combine8(const double* acc) {
+  return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
+template <class T>
+inline void dot4_impl(const double* x, const T* const y[4], int64_t n, double out[4]) {
+  double acc[4][8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int r = 0; r < 4; ++r) {
+      for (int k = 0; k < 8; ++k) acc[r][k] += x[i + k] * widen<double>(y[r][i + k]);
+    }
+  }
+  for (; i < n; ++i) {
+    for (int r = 0; r < 4; ++r) acc[r][i & 7] += x[i] * widen<double>(y[r][i]);
+  }
+  for (int r = 0; r < 4; ++r) out[r] = combine8(acc[r]);
+}
+
 }  // namespace
+
+KF_SIMD_CLONES void dot4_f64(const double* x, const float* const y[4], int64_t n, double out[4]) {
+  dot4_impl(x, y, n, out);
+}
+KF_SIMD_CLONES void dot4_f64(const double* x, const c10::BFloat16* const y[4], int64_t n, double out[4]) {
+  dot4_impl(x, y, n, out);
+}
+KF_SIMD_CLONES void dot4_f64(const double* x, const c10::Half* const y[4], int64_t n, double out[4]) {
+  dot4_impl(x, y, n, out);
+}
 
 KF_SIMD_CLONES double dot_f64(const double* x, const double* y, int64_t n) { return dot_impl(x, y, n); }
 KF_SIMD_CLONES double dot_f64(const double* x, const float* y, int64_t n) { return dot_impl(x, y, n); }

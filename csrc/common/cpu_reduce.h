@@ -23,6 +23,12 @@ double dot_f64(const double* x, const float* y, int64_t n);
 double dot_f64(const double* x, const c10::BFloat16* y, int64_t n);
 double dot_f64(const double* x, const c10::Half* y, int64_t n);
 
+// out[r] = dot_f64(x, y[r], n) for four rows at once, bit-identical to four dot_f64 calls (same
+// partial sums, same order) but reading x once.
+void dot4_f64(const double* x, const float* const y[4], int64_t n, double out[4]);
+void dot4_f64(const double* x, const c10::BFloat16* const y[4], int64_t n, double out[4]);
+void dot4_f64(const double* x, const c10::Half* const y[4], int64_t n, double out[4]);
+
 // y[i] += c * x[i]
 void axpy_f64(double* y, double c, const double* x, int64_t n);
 
