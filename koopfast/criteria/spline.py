@@ -131,11 +131,22 @@ class SplineScores(dict):
 
     def masks(self, model: nn.Module, sparsity: float) -> dict[str, Tensor]:
         """Structured masks (:func:`koopfast.masks.structured_topk`) that prune exactly the units
-        :meth:`prune_units` names: whole rows/channels of each scored weight and its bias, chosen
-        by the greedy order (per layer or over all layers, as the scores' policy)."""
+        :meth:`prune_units` names, chosen by the greedy order (per layer or over all layers, as
+        the scores' policy): whole rows/channels of each scored weight, its bias, and the scale and
+        shift of the BatchNorm folded into it (in eval mode a BatchNorm would otherwise turn a
+        zeroed unit into a constant, nonzero output)."""
         order = {name: r.to(torch.float64) for name, r in self.ranks.items()}  # removed later = kept
         scope = "layerwise" if self.policy == "layerwise" else "global"
-        return structured_topk(order, model, sparsity, scope=scope)
+        masks = structured_topk(order, model, sparsity, scope=scope)
+        named = dict(model.named_parameters())
+        for name, bn in self.bn_names.items():
+            if bn is None:
+                continue
+            units = masks[name].reshape(masks[name].shape[0], -1).all(1)
+            for part in ("weight", "bias"):
+                if f"{bn}.{part}" in named:
+                    masks[f"{bn}.{part}"] = units.clone()
+        return masks
 
     def prune_units(self, sparsity: float) -> dict[str, Tensor]:
         """The units to prune at this sparsity, following the greedy order: int64 indices per

@@ -389,3 +389,16 @@ def test_structured_masks_prune_the_greedy_choice(policy):
         assert int(row_kept.sum()) + units.numel() == masks[name].shape[0]
         bias = name.replace("weight", "bias")
         assert torch.equal(masks[bias], row_kept)
+
+
+def test_structured_masks_also_silence_the_folded_batchnorm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 3))
+    model(torch.randn(32, 6))  # running statistics away from their defaults
+    model.eval()
+    scores = kf.criteria.spline_redundancy(model, torch.randn(64, 6))
+    masks = scores.masks(model, 0.5)
+    assert torch.equal(masks["1.weight"], masks["0.bias"]) and torch.equal(masks["1.bias"], masks["0.bias"])
+    kf.masks.apply_(model, masks)
+    hidden = model[:3](torch.randn(16, 6))
+    assert bool((hidden[:, ~masks["0.bias"]] == 0).all()), "pruned units output exactly zero"
