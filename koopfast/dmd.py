@@ -17,6 +17,12 @@ Y = F[:, 1:], SVD X = UΣV*, Ã = U*YVΣ⁻¹, eig(Ã) = (λ, w), modes φ = λ�
 combination of the snapshots, φ = W c, so modes, fixed points and forecasts each take one pass
 over W (``trajectory_combine``) and nothing N × T complex is ever built. No centering (it removes
 the λ = 1 eigenvalue that KMP needs; numerics.md, pitfall 1).
+
+With a recorder spread across processes, the factor F is the same on every process: "gram" uses
+the all-reduced Gram matrix; "qr" stacks every process's local R (t × t each, one all-gather) and
+factors the stack (TSQR's reduction step); "randomized" all-reduces the sketch's t × m inner
+products and orthonormalizes with a distributed TSQR-SVD. The small eigenproblem then runs
+identically everywhere, and modes and scores are local passes over local snapshots.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from koopfast import _distributed as kd
 from koopfast import ops
 from koopfast.trajectory import TrajectoryRecorder
 
@@ -126,7 +133,7 @@ class DMD:
             if rec._anchor is not None:
                 block = block + rec._anchor[n0 : n0 + _TSQR_CHUNK].to(torch.float64)
             r = torch.linalg.qr(torch.cat([r, block.T]), mode="r").R
-        return r.cpu()
+        return _stacked_r(r.cpu(), rec._layout)
 
     def _factor_randomized(self, rec: TrajectoryRecorder) -> Tensor:
         t = len(rec)
@@ -135,9 +142,9 @@ class DMD:
         omega = torch.randn(t, width, generator=gen, dtype=torch.float64)
         z = rec._combine(omega)  # [width, N] = (W Ω)ᵀ
         for _ in range(self.power_iters):
-            q = _orthonormal_rows(z)
+            q = _orthonormal_rows(z, rec._layout)
             z = rec._combine(_time_dots(rec, q))  # (W Wᵀ Q)ᵀ
-        q = _orthonormal_rows(z)
+        q = _orthonormal_rows(z, rec._layout)
         return _time_dots(rec, q).T.contiguous()  # B = Qᵀ W: [width, T]
 
     # ---- results --------------------------------------------------------------------------------------
@@ -269,15 +276,43 @@ def _exact_dmd(factor: Tensor, *, rank: int | None, rtol: float, debias: str) ->
     )
 
 
-def _orthonormal_rows(z: Tensor) -> Tensor:
-    """Rows spanning the same space as z's rows, orthonormal ([k, N] -> [k, N])."""
-    q = torch.linalg.qr(z.T.to(torch.float64)).Q
-    return q.T.contiguous()
+def _orthonormal_rows(z: Tensor, layout: kd.Layout | None) -> Tensor:
+    """Rows spanning the same space as z's rows, orthonormal ([k, N] -> [k, N]).
+
+    Across processes (z's columns split by process): TSQR with an explicit Q. Each process
+    factors its columns, zᵀ_local = Q_l R_l; the stacked R_l (gathered, k × k each) are factored
+    once more, [R_1; R_2; ...] = Q_s R; this process's rows of Q are Q_l times its block of Q_s.
+    Householder throughout, as on one process: no division by small singular values."""
+    zt = z.T.to(torch.float64)
+    if layout is None or layout.world == 1:
+        return torch.linalg.qr(zt).Q.T.contiguous()
+    k = zt.shape[1]
+    q_local, r_local = torch.linalg.qr(zt)  # [n, min(n, k)], [min(n, k), k]
+    square = torch.zeros(k, k, dtype=torch.float64)
+    square[: r_local.shape[0]] = r_local.cpu()
+    stacked = kd.all_gather_rows(square.to(kd.comm_device(layout)), layout).cpu()
+    q_stack = torch.linalg.qr(stacked).Q  # [world·k, k]
+    block = q_stack[layout.rank * k : layout.rank * k + q_local.shape[1]].to(q_local.device)
+    return (q_local @ block).T.contiguous()
+
+
+def _stacked_r(r: Tensor, layout: kd.Layout | None) -> Tensor:
+    """R of the whole tall matrix from each process's R of its rows (TSQR's reduction): the R
+    factors padded to square, gathered, stacked in rank order and factored once more."""
+    if layout is None or layout.world == 1:
+        return r
+    width = r.shape[1]
+    square = torch.zeros(width, width, dtype=torch.float64)
+    square[: r.shape[0]] = r
+    stacked = kd.all_gather_rows(square.to(kd.comm_device(layout)), layout).cpu()
+    return torch.linalg.qr(stacked, mode="r").R
 
 
 def _time_dots(rec: TrajectoryRecorder, vectors: Tensor) -> Tensor:
     """[t, m] inner products <θ_t, v_j> of the stored snapshots (time order) with vectors [m, N]."""
     d = ops.trajectory_dots(rec._snapshots, vectors.to(rec.device), rec._anchor)
+    if rec._layout is not None:
+        d = kd.all_reduce(d.to(kd.comm_device(rec._layout)), rec._layout).to(rec.device)
     order = torch.tensor(rec._order, dtype=torch.long, device=d.device)
     rows = d[order]
     if rec._anchor is not None:

@@ -7,18 +7,27 @@ Gram matrix G = WᵀW of the trajectory is always up to date without another pas
 "Everything is Y·c"). With an anchor, rows hold deltas θ_t − a (a = the first snapshot, in
 float32), which keeps the small differences between snapshots that low-precision storage of θ_t
 itself would lose (numerics.md, pitfall 3); the Gram matrix is still that of the full θ_t.
+
+Across processes (``process_group``, or DTensor parameters sharded ``Shard(0)`` as FSDP2 does):
+each process stores the snapshots of its own parameters (or shards) only, and each ``record()``
+sums the new Gram row over the processes with one all-reduce of t + 3 float64 numbers (the
+dots, the self and anchor dots, a NaN flag). The Gram matrix, and so everything the DMD derives
+from it, is the same on every process; modes and scores are computed locally, one pass over the
+local snapshots each. docs/distributed.md has the communication volumes.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from koopfast import _distributed as kd
 from koopfast import ops
 from koopfast._params import ParamSource, named_prunable
 
@@ -47,6 +56,16 @@ class TrajectoryRecorder:
             tensor giving the anchor (for example the initial weights).
         window: if True, keep the last ``capacity`` snapshots (a ring); if False, ``record()``
             on a full recorder raises.
+        path: keep the snapshots in a memory-mapped file at this path instead of memory (the
+            buffer must be on the CPU): trajectories larger than RAM, streamed back chunk by
+            chunk by the Gram, DMD and score passes. The file is created (or emptied) and sized
+            (capacity + 1) × N × element size; "{rank}" in the path is replaced by the process's
+            rank. The Gram matrix and the bookkeeping stay in memory.
+        process_group: a ``torch.distributed`` group (or "default") when each process records its
+            own part of the parameters (a partition of the named parameters); not needed for
+            DTensor parameters (detected: each process records its local shards) nor for
+            replicated ones (DDP: every process records the same). Every process of the group
+            must call ``record()`` together.
 
     ``record()`` raises ValueError, leaving the recorder exactly as it was, if a parameter changed
     shape, dtype or device, or holds NaN/Inf (or a value the storage dtype cannot represent).
@@ -62,8 +81,14 @@ class TrajectoryRecorder:
         device: torch.device | str | None = None,
         anchor: AnchorMode | Mapping[str, Tensor] = "auto",
         window: bool = False,
+        path: str | os.PathLike | None = None,
+        process_group=None,
     ) -> None:
         self._params = named_prunable(model_or_named_params, fn=_FN)
+        self._layout = kd.resolve(list(self._params.values()), process_group, _FN)
+        # With DTensor parameters, results (scores, modes, fixed points) come back as DTensors
+        # placed like them; the recorder itself works on the local shards.
+        self._like = tuple(self._params.values()) if self._layout is not None and self._layout.sharded else None
         # A model is asked for its parameters again at every record(): modules may replace their
         # parameter objects (load_state_dict(assign=True), to_empty(), ...).
         self._model = model_or_named_params if isinstance(model_or_named_params, nn.Module) else None
@@ -77,7 +102,7 @@ class TrajectoryRecorder:
             raise TypeError(f"{_FN}: expected dtype to be float32, bfloat16 or float16, got {dtype}")
         if not isinstance(window, bool):
             raise TypeError(f"{_FN}: expected window to be a bool, got {type(window).__name__}")
-        tensors = list(self._params.values())
+        tensors = [kd.local(p) for p in self._params.values()]
         self._param_device = tensors[0].device
         for name, p in self._params.items():
             if not p.is_floating_point():
@@ -91,24 +116,27 @@ class TrajectoryRecorder:
         self._param_dtypes = tuple(p.dtype for p in tensors)
         self._numels = tuple(p.numel() for p in tensors)
         self._offsets = tuple(sum(self._numels[:i]) for i in range(len(tensors)))
-        self.numel = sum(self._numels)
+        self.numel = sum(self._numels)  # of this process's parameters (its shards)
         if self.numel == 0:
             raise ValueError(f"{_FN}: expected parameters with at least one element, got only empty tensors")
         self.capacity = capacity
         self.dtype = dtype
         self.window = window
         self.device = torch.device(device) if device is not None else self._param_device
+        if path is not None and self.device.type != "cpu":
+            raise ValueError(f"{_FN}: expected the buffer on the CPU (device='cpu') with path, got {self.device}")
 
         self._anchor_mode, self._anchor = self._resolve_anchor(anchor)
         # One row more than the capacity: each record() writes into a free row, in the same pass
         # as its dot products, so a record() that fails on a non-finite value loses nothing.
         self._rows = capacity + 1
-        self._snapshots = torch.zeros(self._rows, self.numel, dtype=dtype, device=self.device)
+        self.path = None if path is None else os.fspath(path).replace("{rank}", str(self.rank))
+        self._snapshots = self._allocate()
         # Gram of the stored rows in slot coordinates, their inner products with the anchor, and
         # the anchor's squared norm: G_ij = |a|^2 + <a, d_i> + <a, d_j> + <d_i, d_j>.
         self._row_dots = torch.zeros(self._rows, self._rows, dtype=torch.float64, device=self.device)
         self._anchor_dots = torch.zeros(self._rows, dtype=torch.float64, device=self.device)
-        self._anchor_sq = 0.0 if self._anchor is None else _sq_norm(self._anchor)
+        self._anchor_sq = 0.0 if self._anchor is None else self._global_sq_norm(self._anchor)
         self._order: list[int] = []  # slots in time order
         self.steps = 0  # successful record() calls, evicted snapshots included
 
@@ -132,10 +160,17 @@ class TrajectoryRecorder:
         with torch.no_grad():
             dots, status = ops.trajectory_ingest(self._ingest_inputs(), self._snapshots, slot, kept, anchor)
         bad = int(status[0])
+        if self._layout is not None:
+            dots, others_bad = self._reduce_row(dots, bad >= 0)
+            if bad < 0 and others_bad:
+                raise ValueError(
+                    f"{_FN}.record: expected finite parameters on every process, got NaN/Inf on another process "
+                    f"(this is rank {self.rank}); nothing was recorded"
+                )
         if bad >= 0:
             raise ValueError(f"{_FN}.record: {self._nonfinite_message(bad)}; nothing was recorded")
         if anchor is not self._anchor:
-            self._anchor, self._anchor_sq = anchor, _sq_norm(anchor)
+            self._anchor, self._anchor_sq = anchor, self._global_sq_norm(anchor)
         idx = torch.tensor(kept, dtype=torch.long, device=self.device)
         self._row_dots[slot].zero_()
         self._row_dots[:, slot] = 0
@@ -170,11 +205,20 @@ class TrajectoryRecorder:
         return self.unflatten(ops.trajectory_combine(self._snapshots, coeffs, self._anchor)[0])
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
-        """Views of a flat [N] tensor in parameter shapes, keyed by name."""
-        return {
+        """Views of a flat [N] tensor in parameter shapes, keyed by name (DTensors placed like the
+        parameters, for DTensor parameters)."""
+        out = {
             name: flat[off : off + n].view(shape)
             for name, off, n, shape in zip(self.names, self._offsets, self._numels, self.shapes)
         }
+        if self._like is not None:
+            out = {name: self._layout.wrap(t, like) for (name, t), like in zip(out.items(), self._like)}
+        return out
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the recorder's group (0 without one)."""
+        return 0 if self._layout is None else self._layout.rank
 
     # ---- state ----------------------------------------------------------------------------------------
 
@@ -275,12 +319,13 @@ class TrajectoryRecorder:
             missing = [n for n in self.names if n not in anchor]
             if missing:
                 raise ValueError(f"{_FN}: expected the anchor to give every recorded parameter, missing {missing[:3]}")
+            pieces = {n: kd.local(anchor[n].detach()) for n in self.names}  # DTensors: this process's shard
             for name, shape in zip(self.names, self.shapes):
-                if tuple(anchor[name].shape) != tuple(shape):
+                if tuple(pieces[name].shape) != tuple(shape):
                     raise ValueError(
-                        f"{_FN}: expected anchor {name!r} of shape {tuple(shape)}, got {tuple(anchor[name].shape)}"
+                        f"{_FN}: expected anchor {name!r} of shape {tuple(shape)}, got {tuple(pieces[name].shape)}"
                     )
-            flat = torch.cat([anchor[n].detach().reshape(-1).to(torch.float32) for n in self.names])
+            flat = torch.cat([pieces[n].reshape(-1).to(torch.float32) for n in self.names])
             if not bool(torch.isfinite(flat).all()):
                 raise ValueError(f"{_FN}: expected a finite anchor")
             return "given", flat.to(self.device).contiguous()
@@ -299,7 +344,8 @@ class TrajectoryRecorder:
                     f"{list(current)[:4]}..."
                 )
             self._params = current
-        for name, p, shape, dtype in zip(self.names, self._params.values(), self.shapes, self._param_dtypes):
+        for name, param, shape, dtype in zip(self.names, self._params.values(), self.shapes, self._param_dtypes):
+            p = kd.local(param)
             if p.shape != shape:
                 raise ValueError(
                     f"{_FN}.record: parameter {name!r} changed shape from {tuple(shape)} to {tuple(p.shape)}"
@@ -310,19 +356,38 @@ class TrajectoryRecorder:
                 raise ValueError(f"{_FN}.record: parameter {name!r} moved from {self._param_device} to {p.device}")
 
     def _flat_params(self) -> Tensor:
-        return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self._params.values()])
+        return torch.cat([kd.local(p.detach()).reshape(-1).to(torch.float32) for p in self._params.values()])
+
+    def _allocate(self) -> Tensor:
+        if self.path is None:
+            return torch.zeros(self._rows, self.numel, dtype=self.dtype, device=self.device)
+        with open(self.path, "wb"):  # a fresh, empty (sparse, zero-filled once sized) file
+            pass
+        flat = torch.from_file(self.path, shared=True, size=self._rows * self.numel, dtype=self.dtype)
+        return flat.view(self._rows, self.numel)
+
+    def _reduce_row(self, dots: Tensor, bad: bool) -> tuple[Tensor, bool]:
+        """The Gram row summed over the processes, and whether any other process failed."""
+        row = torch.cat([dots.to(torch.float64), torch.tensor([float(bad)], dtype=torch.float64, device=dots.device)])
+        row = kd.all_reduce(row.to(kd.comm_device(self._layout)), self._layout).to(dots.device)
+        return row[:-1], float(row[-1]) > float(bad)
+
+    def _global_sq_norm(self, flat: Tensor) -> float:
+        sq = torch.tensor([_sq_norm(flat)], dtype=torch.float64, device=kd.comm_device(self._layout))
+        return float(kd.all_reduce(sq, self._layout))
 
     def _ingest_inputs(self) -> list[Tensor]:
+        local = [kd.local(p.detach()) for p in self._params.values()]
         if self.device == self._param_device:
-            return [p.detach() for p in self._params.values()]
+            return local
         # Parameters on another device than the buffer: stage them where the buffer is.
-        return [torch.cat([p.detach().reshape(-1) for p in self._params.values()]).to(self.device)]
+        return [torch.cat([p.reshape(-1) for p in local]).to(self.device)]
 
     def _nonfinite_message(self, index: int) -> str:
         if self.device == self._param_device:
             name = self.names[index]
         else:  # one staged tensor: find the parameter
-            name = next(n for n, p in self._params.items() if not bool(torch.isfinite(p.detach()).all()))
+            name = next(n for n, p in self._params.items() if not bool(torch.isfinite(kd.local(p.detach())).all()))
         return f"expected finite parameters, got NaN/Inf (or a value beyond {self.dtype}'s range) in {name!r}"
 
 

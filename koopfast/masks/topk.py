@@ -15,8 +15,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from koopfast import _distributed as kd
 from koopfast import ops
 from koopfast._types import BINARY_SCORES, UNARY_SCORES, ScoreBy
+from koopfast.masks.sharded import sharded_topk
 
 __all__ = ["global_topk", "keep_count", "layerwise_topk"]
 
@@ -111,7 +113,14 @@ class _Operands:
         return dict(zip(self.keys, masks)) if self.is_mapping else masks
 
 
-def global_topk(scores: Scores, sparsity: float | None = None, *, keep: int | None = None, by: ScoreBy = "value"):
+def global_topk(
+    scores: Scores,
+    sparsity: float | None = None,
+    *,
+    keep: int | None = None,
+    by: ScoreBy = "value",
+    process_group=None,
+):
     """Masks keeping the top scores over all tensors together (one global threshold).
 
     Exactly ``round((1 - sparsity) * N)`` entries are kept over the N entries of all tensors (or
@@ -127,6 +136,13 @@ def global_topk(scores: Scores, sparsity: float | None = None, *, keep: int | No
         keep: number of entries to keep, in [0, N]; the alternative to ``sparsity``.
         by: how the score is computed from the values: 'value' (the default: values are
             scores), 'abs' |a|, 'product' a·b, 'abs_product' |a·b|, 'square_times_abs' a²·|b|.
+        process_group: for scores spread across processes, a ``torch.distributed`` group (or
+            "default") whose processes each pass their own tensors (a partition: single-process
+            order is rank 0's tensors first). DTensor scores sharded ``Shard(0)`` (FSDP2's layout)
+            are detected without it. Every process gets the masks of its own tensors (DTensors for
+            DTensor scores), the same as one process computing on all of them: same threshold,
+            same kept count, ties in the same order (:mod:`koopfast.masks.sharded`). Every process
+            of the group must call, with the same ``sparsity``/``keep`` and ``by``.
 
     Returns:
         Bool masks in the structure of ``scores`` (dict with the same keys, or list).
@@ -138,6 +154,9 @@ def global_topk(scores: Scores, sparsity: float | None = None, *, keep: int | No
     """
     fn = "koopfast.masks.global_topk"
     operands = _Operands(scores, by, fn)
+    layout = kd.resolve(operands.a, process_group, fn)
+    if layout is not None:
+        return _sharded(operands, sparsity, keep, layout, fn)
     n = operands.numel
     if n == 0:
         raise ValueError(f"{fn}: expected at least one score element, got only empty tensors")
@@ -167,6 +186,21 @@ def layerwise_topk(scores: Scores, sparsity: float | Mapping[str, float], *, by:
             continue
         masks.append(operands.subset(i).topk(keep_count(a.numel(), s, fn=fn))[0])
     return operands.pack(masks)
+
+
+def _sharded(operands: _Operands, sparsity, keep, layout: kd.Layout, fn: str):
+    like = operands.a
+    a = [kd.local(t) for t in operands.a]
+    b = [kd.local(t) for t in operands.b]
+    devices = {t.device for t in a + b}
+    if len(devices) > 1:
+        raise ValueError(f"{fn}: expected every local score tensor on one device, got {sorted(map(str, devices))}")
+    n = torch.tensor([sum(t.numel() for t in a)], dtype=torch.int64, device=kd.comm_device(layout))
+    n = int(kd.all_reduce(n, layout))
+    if n == 0:
+        raise ValueError(f"{fn}: expected at least one score element over all processes, got only empty tensors")
+    masks = sharded_topk(a, b, operands.by, _resolve_keep(n, sparsity, keep, fn), layout, operands.names, fn)
+    return operands.pack([layout.wrap(m, t) for m, t in zip(masks, like)])
 
 
 def _resolve_keep(n: int, sparsity: float | None, keep: int | None, fn: str) -> int:

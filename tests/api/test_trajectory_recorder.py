@@ -96,6 +96,38 @@ def test_full_recorder_without_window_raises_and_keeps_its_state():
     assert len(rec) == 2 and torch.equal(rec.gram, before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_disk_storage_equals_memory_storage(tmp_path, dtype):
+    net = model()
+    path = tmp_path / "trajectory-{rank}.bin"
+    (tmp_path / "trajectory-0.bin").write_bytes(b"stale bytes from an earlier run" * 100)
+    on_disk = kf.TrajectoryRecorder(net, capacity=4, window=True, dtype=dtype, path=path)
+    in_memory = kf.TrajectoryRecorder(net, capacity=4, window=True, dtype=dtype)
+    assert on_disk.path == str(tmp_path / "trajectory-0.bin")
+    rows, size = 5, torch.finfo(dtype).bits // 8
+    assert (tmp_path / "trajectory-0.bin").stat().st_size == rows * on_disk.numel * size
+    for i in range(7):
+        on_disk.record()
+        in_memory.record()
+        step(net, seed=i)
+    assert torch.equal(on_disk.gram, in_memory.gram)
+    assert torch.equal(stored_matrix(on_disk), stored_matrix(in_memory))
+    for method in ("gram", "qr"):
+        a, b = kf.DMD(method).fit(on_disk), kf.DMD(method).fit(in_memory)
+        assert torch.equal(a.eigenvalues, b.eigenvalues)
+        for name, t in a.fixed_point().items():
+            assert torch.equal(t, b.fixed_point()[name])
+    # The file holds the snapshots: another mapping of it reads the latest row.
+    mapped = torch.from_file(on_disk.path, shared=False, size=rows * on_disk.numel, dtype=dtype)
+    assert torch.equal(mapped.view(rows, -1)[on_disk._order[-1]], on_disk._snapshots[on_disk._order[-1]])
+
+
+def test_disk_storage_needs_a_cpu_buffer():
+    message = r"TrajectoryRecorder: expected the buffer on the CPU \(device='cpu'\) with path"
+    with pytest.raises(ValueError, match=message):
+        kf.TrajectoryRecorder(model(), capacity=2, device="meta", path="x.bin")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs parameters on a GPU")
 def test_host_storage_for_parameters_on_a_gpu():
     net = model().cuda()
