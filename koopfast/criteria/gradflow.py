@@ -33,6 +33,12 @@ fisher                      θ² E[g²]              Σ θ² E[g²]
 Higher scores are kept; GraSP's signed scores mean the most negative θᵀHg is pruned first, as in
 GraSP. Unstructured masks can come straight from the operands, scores never materialised:
 ``GradientFlow.masks`` hands (θ, g) or (θ, Hg) to the selection kernel.
+
+Data-parallel scoring (``process_group``, or a ``DistributedDataParallel`` model): every process
+holds the whole model and iterates its own batches; every process gets the result of one process
+on all of them. The batch-weighted sums are all-reduced: ḡ and the counts first (one all-reduce of
+N floats, 2N with ``fisher``), then each process sums its own w_b H_b ḡ with the global ḡ and
+those are all-reduced (N floats). Sharded (DTensor, FSDP2) parameters are not supported.
 """
 
 from __future__ import annotations
@@ -45,7 +51,9 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
+from koopfast import _distributed as kf_dist
 from koopfast import masks as kf_masks
 from koopfast._params import PRUNABLE_LAYERS, ParamSource, named_prunable
 
@@ -212,6 +220,7 @@ def gradient_flow(
     source: Literal["weights", "bn"] = "weights",
     eval_mode: bool = True,
     fd_step: float | None = None,
+    process_group=None,
 ) -> GradientFlow:
     """ḡ over ``batches`` (and Hḡ with ``hvp``, E[g²] with ``fisher``) for the model's prunable
     parameters (conv and linear weights and biases, or ``params``).
@@ -230,10 +239,24 @@ def gradient_flow(
             by the layer's weight name).
         fd_step: the finite-difference step h (default: ε^(1/3) (1 + ‖θ‖) / ‖ḡ‖, ε that of the
             parameters' dtype).
+        process_group: data-parallel scoring: a process group (or "default" for the default one)
+            whose processes each hold the same model (replicated, as with DDP) and pass their own
+            ``batches``. Every process gets the single-process result on all processes' batches
+            (``batches`` and ``samples`` are the totals); a process may have no batches. Every
+            process must call this with the same arguments but ``batches``. A ``model`` wrapped in
+            ``DistributedDataParallel`` is unwrapped (``loss_fn`` gets ``model.module``, names are
+            the module's; DDP's gradient hooks do not fire) and uses ``model.process_group`` unless
+            one is given. Communication: all-reduces of N floats for ḡ (2N with ``fisher``) and N
+            for Hḡ, N the scored elements. Sharded (DTensor) parameters are not supported. If
+            ``loss_fn`` raises on one process, the others may wait forever in a collective.
     """
     fn = "koopfast.criteria.gradient_flow"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(model, DistributedDataParallel):  # replicated: score the module, in DDP's group
+        if process_group is None:
+            process_group = model.process_group
+        model = model.module
     if not callable(loss_fn):
         raise TypeError(f"{fn}: expected loss_fn to be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
     if hvp not in (None, "exact", "finite_difference"):
@@ -248,21 +271,27 @@ def gradient_flow(
     else:
         scored = named_prunable(params if params is not None else model, fn=fn)
     for name, p in scored.items():
+        if kf_dist.any_dtensor([p]):
+            raise ValueError(
+                f"{fn}: sharded (DTensor) parameters are not supported, got {name!r} as a DTensor: use a "
+                "replicated model (e.g. DDP) with process_group"
+            )
         if not p.requires_grad:
             raise ValueError(f"{fn}: expected parameters that require grad, got {name!r} with requires_grad=False")
     if hvp is not None and not isinstance(batches, (list, tuple)):
         batches = list(batches)  # iterated twice: ḡ first, then H ḡ
+    layout = kf_dist.resolve(list(scored.values()), process_group, fn)
 
     was_training = model.training
     if eval_mode:
         model.eval()
     try:
-        grad, grad_sq, n_batches, samples = _mean_gradient(model, loss_fn, batches, scored, fisher, fn)
+        grad, grad_sq, n_batches, samples = _mean_gradient(model, loss_fn, batches, scored, fisher, layout, fn)
         hg = None
         if hvp == "exact":
-            hg = _hvp_exact(model, loss_fn, batches, scored, grad, samples, fn)
+            hg = _hvp_exact(model, loss_fn, batches, scored, grad, samples, layout, fn)
         elif hvp == "finite_difference":
-            hg = _hvp_finite_difference(model, loss_fn, batches, scored, grad, samples, fd_step, fn)
+            hg = _hvp_finite_difference(model, loss_fn, batches, scored, grad, samples, fd_step, layout, fn)
     finally:
         model.train(was_training)
     return GradientFlow(
@@ -306,7 +335,23 @@ def _grads(loss: Tensor, params: dict[str, Tensor], fn: str, create_graph: bool 
     return list(grads)
 
 
-def _mean_gradient(model, loss_fn, batches, params, fisher, fn):
+def _all_reduce_sums(tensors: list[Tensor], layout: kf_dist.Layout | None) -> None:
+    """Sum each tensor over the layout's processes, in place: one flat all-reduce per dtype, in the
+    order the dtypes first appear (the same on every process: the parameters are replicated)."""
+    if layout is None or layout.world == 1:
+        return
+    device = kf_dist.comm_device(layout)
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    with torch.no_grad():
+        for group in by_dtype.values():
+            flat = kf_dist.all_reduce(torch.cat([t.reshape(-1).to(device) for t in group]), layout)
+            for t, piece in zip(group, flat.split([t.numel() for t in group])):
+                t.copy_(piece.view_as(t))
+
+
+def _mean_gradient(model, loss_fn, batches, params, fisher, layout, fn):
     total = {
         n: torch.zeros_like(p, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
         for n, p in params.items()
@@ -323,15 +368,20 @@ def _mean_gradient(model, loss_fn, batches, params, fisher, fn):
                     total_sq[name].add_(g.to(acc.dtype).square(), alpha=w)
         samples += w
         count += 1
+    if layout is not None:  # every process calls this, with or without batches of its own
+        counts = torch.tensor([samples, count], dtype=torch.float64)
+        _all_reduce_sums([*total.values(), *(total_sq.values() if total_sq is not None else ()), counts], layout)
+        samples, count = float(counts[0]), int(counts[1])
     if count == 0:
-        raise ValueError(f"{fn}: expected at least one batch, got none")
+        where = "" if layout is None else f" on any of the {layout.world} processes"
+        raise ValueError(f"{fn}: expected at least one batch, got none{where}")
     with torch.no_grad():
         grad = {n: (t / samples).to(params[n].dtype) for n, t in total.items()}
         grad_sq = None if total_sq is None else {n: (t / samples).to(params[n].dtype) for n, t in total_sq.items()}
     return grad, grad_sq, count, samples
 
 
-def _hvp_exact(model, loss_fn, batches, params, grad, samples, fn):
+def _hvp_exact(model, loss_fn, batches, params, grad, samples, layout, fn):
     total = {n: torch.zeros_like(g) for n, g in grad.items()}
     vec = [grad[n] for n in params]
     for batch in batches:
@@ -349,14 +399,15 @@ def _hvp_exact(model, loss_fn, batches, params, grad, samples, fn):
             for (_, acc), h in zip(total.items(), hv):
                 if h is not None:  # piecewise-linear paths have zero curvature
                     acc.add_(h, alpha=w)
+    _all_reduce_sums(list(total.values()), layout)
     return {n: t / samples for n, t in total.items()}
 
 
-def _hvp_finite_difference(model, loss_fn, batches, params, grad, samples, step, fn):
+def _hvp_finite_difference(model, loss_fn, batches, params, grad, samples, step, layout, fn):
     with torch.no_grad():
         theta_norm = math.sqrt(sum(float(p.double().square().sum()) for p in params.values()))
         g_norm = math.sqrt(sum(float(g.double().square().sum()) for g in grad.values()))
-    if g_norm == 0:
+    if g_norm == 0:  # the global ḡ: the same decision on every process
         return {n: torch.zeros_like(g) for n, g in grad.items()}
     if step is None:
         eps = max(torch.finfo(p.dtype).eps for p in params.values())
@@ -377,6 +428,7 @@ def _hvp_finite_difference(model, loss_fn, batches, params, grad, samples, step,
     finally:
         for n, p in params.items():
             p.data = originals[n]  # the very same tensors: exactly restored
+    _all_reduce_sums(list(total.values()), layout)
     return {n: t / (2 * step * samples) for n, t in total.items()}
 
 
@@ -426,7 +478,7 @@ def _named(measure: str, hvp_default: str | None = None):
 
 loss_preservation = _named("loss_preservation")
 loss_preservation.__doc__ = """|θ ⊙ ḡ| (SNIP-style); per filter Σ|θg|, or |Σθg| with variant="tfo" (Taylor first order).
-Keyword arguments as in :func:`gradient_flow`; returns dict name -> scores."""
+Keyword arguments (``process_group`` included) as in :func:`gradient_flow`; returns dict name -> scores."""
 biased_loss_preservation = _named("biased_loss_preservation")
 biased_loss_preservation.__doc__ = (
     """θ² |ḡ| ("biased towards removing small-magnitude parameters"); per filter the sum."""

@@ -1,0 +1,153 @@
+"""Gradient-flow operands, scores and masks over 2 and 3 gloo processes, against one process.
+
+Every process holds the same float64 model and takes its own batches (rank r: batches[r::world],
+uneven counts and sizes, none at all on some rank for the two-batch set); each must get the
+single-process result on all the batches. Each world size is spawned once (spawning costs seconds).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from harness import run
+from torch import nn
+
+import koopfast as kf
+
+SIZES = (5, 3, 8, 1, 6, 4, 2)  # 7 batches of uneven sizes
+UNSTRUCTURED = ("loss_preservation", "gradient_norm_preservation", "grasp", "fisher")
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)  # the same θ on every process
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+
+
+def all_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(7)
+    return [
+        (torch.randn(s, 8, generator=gen, dtype=torch.float64), torch.randint(0, 3, (s,), generator=gen)) for s in SIZES
+    ]
+
+
+def outcomes(model, batches, loss=None, **kw) -> dict:
+    """Everything compared, for one model and one process's batches."""
+    loss = loss or kf.criteria.cross_entropy()
+    exact = kf.criteria.gradient_flow(model, loss, batches, hvp="exact", fisher=True, **kw)
+    fd = kf.criteria.gradient_flow(model, loss, batches, hvp="finite_difference", **kw)
+    return {
+        "batches": (exact.batches, fd.batches),
+        "samples": (exact.samples, fd.samples),
+        "params": exact.params,
+        "grad": exact.grad,
+        "hg": exact.hg,
+        "grad_sq": exact.grad_sq,
+        "fd_hg": fd.hg,
+        "scores": {m: exact.scores(m) for m in UNSTRUCTURED},
+        "filter": exact.scores("gradient_norm_preservation", "filter"),
+        "masks": exact.masks("gradient_norm_preservation", 0.7),
+        "grasp": kf.criteria.grasp(model, loss, batches, **kw),  # the named wrappers pass process_group on
+    }
+
+
+def worker(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    batches = all_batches()
+    out = {
+        "all": outcomes(make_model(), batches[rank::world], process_group="default"),
+        # Two batches: with 3 processes, rank 2 has none.
+        "two": outcomes(make_model(), batches[:2][rank::world], process_group=dist.group.WORLD),
+    }
+
+    # DDP: unwrapped, its process group used, its gradient hooks silent.
+    ddp = nn.parallel.DistributedDataParallel(make_model())
+    seen = set()
+    ce = kf.criteria.cross_entropy()
+
+    def loss(module, batch):
+        seen.add(type(module).__name__)
+        return ce(module, batch)
+
+    out["ddp"] = outcomes(ddp, batches[rank::world], loss)
+    out["ddp_seen"] = seen
+    out["ddp_no_grad"] = all(p.grad is None for p in ddp.parameters())
+
+    # No batch on any process: every process raises, after the same collectives.
+    try:
+        kf.criteria.gradient_flow(make_model(), ce, [], hvp="exact", process_group="default")
+        out["empty_error"] = None
+    except ValueError as exc:
+        out["empty_error"] = str(exc)
+
+    # Sharded parameters are refused.
+    mesh = init_device_mesh("cpu", (world,))
+    sharded = make_model()
+    sharded[0].weight = nn.Parameter(distribute_tensor(sharded[0].weight.detach(), mesh, [Shard(0)]))
+    try:
+        kf.criteria.gradient_flow(sharded, ce, batches[rank::world])
+        out["dtensor_error"] = None
+    except ValueError as exc:
+        out["dtensor_error"] = str(exc)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    batches = all_batches()
+    return {"all": outcomes(make_model(), batches), "two": outcomes(make_model(), batches[:2])}
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2 processes", "3 processes"])
+def distributed(request):
+    return request.param, run(request.param, worker)
+
+
+def _close(key: str, got, want, rtol: float = 1e-12, atol: float = 1e-14) -> None:
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), key
+        for n in want:
+            _close(f"{key}[{n}]", got[n], want[n], rtol, atol)
+    elif isinstance(want, tuple):
+        assert got == want, f"{key}: {got} != {want}"
+    elif want.dtype == torch.bool:
+        assert torch.equal(got, want), f"{key}: masks differ"
+    else:
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("case", ["all", "two", "ddp"])
+def test_every_process_gets_the_single_process_result(distributed, reference, case):
+    world, per_rank = distributed
+    want = reference["two" if case == "two" else "all"]
+    for rank, got in enumerate(per_rank):
+        for key in want:
+            # Finite differences: the rounding of the sums, divided by 2h.
+            tol = {"rtol": 1e-7, "atol": 1e-9} if key == "fd_hg" else {}
+            _close(f"{case}, rank {rank}/{world}, {key}", got[case][key], want[key], **tol)
+
+
+def test_ddp_is_unwrapped_and_its_hooks_do_not_fire(distributed):
+    _, per_rank = distributed
+    for got in per_rank:
+        assert got["ddp_seen"] == {"Sequential"}
+        assert got["ddp_no_grad"]
+
+
+def test_no_batch_on_any_process_raises_everywhere(distributed):
+    world, per_rank = distributed
+    for got in per_rank:
+        assert got["empty_error"] == (
+            f"koopfast.criteria.gradient_flow: expected at least one batch, got none on any of the {world} processes"
+        )
+
+
+def test_sharded_parameters_are_refused(distributed):
+    _, per_rank = distributed
+    for got in per_rank:
+        message = got["dtensor_error"]
+        assert message is not None
+        assert message.startswith("koopfast.criteria.gradient_flow: ")
+        assert "'0.weight'" in message and "sharded (DTensor)" in message and "process_group" in message
