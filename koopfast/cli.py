@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-FAMILIES = ("select", "masks", "koopman", "gradflow", "codes")
+FAMILIES = ("select", "masks", "koopman", "gradflow", "codes", "distributed")
 
 
 def _bench(args: argparse.Namespace) -> int:
