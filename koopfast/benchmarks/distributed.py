@@ -7,7 +7,8 @@ stored (a full window), and the pipeline from a recorded trajectory to masks: ``
 fit + KMP scores + ``global_topk`` at 90 % (and the same with ``DMD("qr")``). The 1-process row
 is the plain single-process recorder (no group). Bytes communicated are each process's payloads
 handed to the collectives (what it contributes; gloo moves about 2 (W − 1) / W of an all-reduce's
-payload per process), counted from the algorithm, not sniffed from the wire.
+payload per process), counted from the algorithm, not sniffed from the wire. GB/s of record():
+the stored snapshots read by all processes together per call.
 
 On a 2-core machine 2 processes get a core each and 3 oversubscribe: the rows show what the
 collectives cost and that the results do not change, not multi-node scaling (docs/distributed.md
@@ -145,7 +146,7 @@ def run(device: torch.device, *, quick: bool = False, repeat: int | None = None)
             got = _spawn(world, case, repeat)
             kept.add(got["kept"])
             method = SINGLE if world == 1 else f"{world} processes (gloo)"
-            stored_bytes = case.stored * case.numel * 4 // world  # read per record() by each process
+            stored_bytes = case.stored * case.numel * 4  # read per record(), by all processes together
             for what, times, comm in (
                 ("record()", got["record"], got["record_bytes"]),
                 ("DMD('gram') + KMP + global_topk 90 %", got["fits"]["gram"], got["select_bytes"]),
@@ -169,3 +170,12 @@ def run(device: torch.device, *, quick: bool = False, repeat: int | None = None)
         if len(kept) != 1 or kept.pop() != round(0.1 * case.numel):
             raise AssertionError(f"distributed benchmark: kept counts differ between process counts: {kept}")
     return fill_ratios(rows, SINGLE)
+
+
+def summary(rows: list[Row]) -> str:
+    """Bytes each process hands to the collectives, per call, next to the time."""
+    lines = ["case                                                     processes  median ms  sent per process"]
+    for r in rows:
+        sent = r.extra["bytes_communicated_per_process"]
+        lines.append(f"{r.case:55s}  {r.extra['world']:9d}  {r.median_ms:9.2f}  {sent:>12,d} B")
+    return "\n".join(lines)
