@@ -288,24 +288,24 @@ def _orthonormal_rows(z: Tensor, layout: kd.Layout | None) -> Tensor:
         return torch.linalg.qr(zt).Q.T.contiguous()
     k = zt.shape[1]
     q_local, r_local = torch.linalg.qr(zt)  # [n, min(n, k)], [min(n, k), k]
-    square = torch.zeros(k, k, dtype=torch.float64)
-    square[: r_local.shape[0]] = r_local.cpu()
-    stacked = kd.all_gather_rows(square.to(kd.comm_device(layout)), layout).cpu()
-    q_stack = torch.linalg.qr(stacked).Q  # [world·k, k]
+    q_stack = torch.linalg.qr(_gathered_r(r_local.cpu(), layout)).Q  # [world·k, k]
     block = q_stack[layout.rank * k : layout.rank * k + q_local.shape[1]].to(q_local.device)
     return (q_local @ block).T.contiguous()
 
 
 def _stacked_r(r: Tensor, layout: kd.Layout | None) -> Tensor:
-    """R of the whole tall matrix from each process's R of its rows (TSQR's reduction): the R
-    factors padded to square, gathered, stacked in rank order and factored once more."""
+    """R of the whole tall matrix from each process's R of its rows (TSQR's reduction)."""
     if layout is None or layout.world == 1:
         return r
+    return torch.linalg.qr(_gathered_r(r, layout), mode="r").R
+
+
+def _gathered_r(r: Tensor, layout: kd.Layout) -> Tensor:
+    """Every process's R ([≤ k, k], padded with zero rows to k × k) stacked in rank order."""
     width = r.shape[1]
     square = torch.zeros(width, width, dtype=torch.float64)
     square[: r.shape[0]] = r
-    stacked = kd.all_gather_rows(square.to(kd.comm_device(layout)), layout).cpu()
-    return torch.linalg.qr(stacked, mode="r").R
+    return kd.all_gather_rows(square.to(kd.comm_device(layout)), layout).cpu()
 
 
 def _time_dots(rec: TrajectoryRecorder, vectors: Tensor) -> Tensor:

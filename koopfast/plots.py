@@ -37,10 +37,7 @@ def accuracy_vs_sparsity(result, path: Path, labels: dict[str, str]) -> Path:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def koopman_eigenvalues(kmd, path: Path) -> Path:
@@ -80,10 +77,7 @@ def koopman_eigenvalues(kmd, path: Path) -> Path:
     zoom.set_ylim(-0.06, 0.06)
     zoom.set_title("near λ = 1 (the fixed point)")
     fig.colorbar(points, ax=zoom, label="relative residual ‖Yv − λXv‖ / ‖Xv‖ (clipped at 1)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def training_overlap(result, path: Path) -> Path:
@@ -113,10 +107,7 @@ def training_overlap(result, path: Path) -> Path:
     ax.set_title("Over training: masks converge, early birds fire")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def bench_speedups(rows, device: str, path: Path) -> Path:
@@ -136,5 +127,12 @@ def bench_speedups(rows, device: str, path: Path) -> Path:
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
