@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from koopfast import _distributed as kd
 from koopfast import ops
 from koopfast.masks.packed import PackedMask
 
@@ -81,6 +82,9 @@ def fused_apply(
     The op validates all its arguments before writing anything; with tensors on several devices,
     the masks of later devices are checked here first, so a failing call changes nothing.
     """
+    # DTensor shards (FSDP2): each process zeroes its local rows with its local rows of the masks.
+    targets = [kd.local(t) for t in targets]
+    masks = [kd.local(m) for m in masks]
     groups: dict[torch.device, list[int]] = {}
     for i, t in enumerate(targets):
         groups.setdefault(t.device, []).append(i)

@@ -77,6 +77,10 @@ def results(recorder_of, masks_of, full) -> dict:
             for sparsity in (0.0, 0.5, 0.77):
                 out[f"masks_{key}_{by}_{sparsity}"] = full(kf.masks.global_topk(scores, sparsity, by=by, **masks_of.kw))
             out[f"masks_{key}_{by}_keep0"] = full(kf.masks.global_topk(scores, keep=0, by=by, **masks_of.kw))
+            if by == "abs":  # prune: each process zeroes its own entries (DTensor shards: its rows)
+                weights = masks_of.select({n: masks_of.piece(p[0].clone()) for n, p in pairs.items()})
+                kf.masks.apply_(weights, kf.masks.global_topk(weights, 0.5, by=by, **masks_of.kw))
+                out[f"pruned_{key}"] = full(weights)
     return out
 
 
