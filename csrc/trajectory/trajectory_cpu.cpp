@@ -245,7 +245,14 @@ std::vector<double> dots_cpu(const S* W, int64_t capacity, int64_t n, const V* v
       const int64_t len = std::min(kBlock, end - n0);
       for (int64_t j = 0; j < m; ++j) {
         for (int64_t i = 0; i < len; ++i) v[i] = static_cast<double>(vec[j * n + n0 + i]);
-        for (int64_t t = 0; t < capacity; ++t) part[t * m + j] += dot_f64(v, W + t * n + n0, len);
+        int64_t t = 0;
+        for (; t + 4 <= capacity; t += 4) {  // four rows per read of the staged vector block
+          const S* rows[4] = {W + t * n + n0, W + (t + 1) * n + n0, W + (t + 2) * n + n0, W + (t + 3) * n + n0};
+          double d[4];
+          dot4_f64(v, rows, len, d);
+          for (int r = 0; r < 4; ++r) part[(t + r) * m + j] += d[r];
+        }
+        for (; t < capacity; ++t) part[t * m + j] += dot_f64(v, W + t * n + n0, len);
         if (anchor) part[capacity * m + j] += dot_f64(v, anchor + n0, len);
       }
     }
