@@ -48,14 +48,16 @@ class Layout:
             return [(r, i) for i in range(n) for r in range(self.world)]
         return [(r, i) for r in range(self.world) for i in range(len(counts_by_rank[r]))]
 
-    def wrap(self, local: Tensor, like: Tensor | None) -> Tensor:
-        """A local result back in the caller's form: a DTensor placed as ``like`` when the inputs
-        were DTensors, else the local tensor."""
+    def wrap(self, local: Tensor, like: Tensor | None, shape: Sequence[int] | None = None) -> Tensor:
+        """A local result back in the caller's form: a DTensor placed as ``like`` (of ``like``'s
+        global shape, or ``shape``: per-unit results of a sharded weight) when the inputs were
+        DTensors, else the local tensor."""
         if self.sharded and like is not None and _is_dtensor(like):
-            stride = torch.empty(like.shape, device="meta").stride()  # the global tensor, contiguous
+            shape = torch.Size(like.shape if shape is None else shape)
+            stride = torch.empty(shape, device="meta").stride()  # the global tensor, contiguous
             local = local.contiguous()
             return DTensor.from_local(
-                local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=stride
+                local, like.device_mesh, like.placements, run_check=False, shape=shape, stride=stride
             )
         return local
 

@@ -38,7 +38,14 @@ Data-parallel scoring (``process_group``, or a ``DistributedDataParallel`` model
 holds the whole model and iterates its own batches; every process gets the result of one process
 on all of them. The batch-weighted sums are all-reduced: ḡ and the counts first (one all-reduce of
 N floats, 2N with ``fisher``), then each process sums its own w_b H_b ḡ with the global ḡ and
-those are all-reduced (N floats). Sharded (DTensor, FSDP2) parameters are not supported.
+those are all-reduced (N floats).
+
+Sharded parameters (FSDP2's ``fully_shard``: DTensor ``Shard(0)``, detected): FSDP all-gathers θ
+for each forward pass and reduce-scatters gradients in ``.backward()``, so ḡ comes from one
+``backward()`` per batch and each process keeps its rows; Hḡ by finite differences only (each
+process moves its rows of θ; double backpropagation does not reach sharded parameters), no Fisher
+(only the sum of the processes' gradients exists). Every process must pass the same number of
+batches (each backward pass is collective); the results are DTensors placed like the parameters.
 """
 
 from __future__ import annotations
@@ -137,7 +144,14 @@ class GradientFlow:
             for name, theta in self.params.items():
                 if granularity == "filter" and not (self.units or _has_units(theta)):
                     continue
-                out[name] = _score(measure, granularity, variant, theta, self._operand(name, measure))
+                b = self._operand(name, measure)
+                if not kf_dist.any_dtensor([theta]):
+                    out[name] = _score(measure, granularity, variant, theta, b)
+                    continue
+                # Shard(0): each process scores its rows (whole units), returned as a DTensor
+                local = _score(measure, granularity, variant, theta.to_local(), None if b is None else b.to_local())
+                shape = theta.shape if granularity == "unstructured" else theta.shape[:1]
+                out[name] = _shard_layout(theta).wrap(local, theta, shape)
         return out
 
     def masks(self, measure: Measure, sparsity: float, *, scope: Literal["global", "layerwise"] = "global"):
@@ -247,8 +261,10 @@ def gradient_flow(
             ``DistributedDataParallel`` is unwrapped (``loss_fn`` gets ``model.module``, names are
             the module's; DDP's gradient hooks do not fire) and uses ``model.process_group`` unless
             one is given. Communication: all-reduces of N floats for ḡ (2N with ``fisher``) and N
-            for Hḡ, N the scored elements. Sharded (DTensor) parameters are not supported. If
-            ``loss_fn`` raises on one process, the others may wait forever in a collective.
+            for Hḡ, N the scored elements. FSDP2-sharded (DTensor) parameters need no group (see the
+            module docstring: hvp "finite_difference" or None, the same number of batches on every
+            process, FSDP's default gradient averaging). If ``loss_fn`` raises on one process,
+            the others may wait forever in a collective.
     """
     fn = "koopfast.criteria.gradient_flow"
     if not isinstance(model, nn.Module):
@@ -271,11 +287,6 @@ def gradient_flow(
     else:
         scored = named_prunable(params if params is not None else model, fn=fn)
     for name, p in scored.items():
-        if kf_dist.any_dtensor([p]):
-            raise ValueError(
-                f"{fn}: sharded (DTensor) parameters are not supported, got {name!r} as a DTensor: use a "
-                "replicated model (e.g. DDP) with process_group"
-            )
         if not p.requires_grad:
             raise ValueError(f"{fn}: expected parameters that require grad, got {name!r} with requires_grad=False")
     if hvp is not None and not isinstance(batches, (list, tuple)):
@@ -286,12 +297,18 @@ def gradient_flow(
     if eval_mode:
         model.eval()
     try:
-        grad, grad_sq, n_batches, samples = _mean_gradient(model, loss_fn, batches, scored, fisher, layout, fn)
-        hg = None
-        if hvp == "exact":
-            hg = _hvp_exact(model, loss_fn, batches, scored, grad, samples, layout, fn)
-        elif hvp == "finite_difference":
-            hg = _hvp_finite_difference(model, loss_fn, batches, scored, grad, samples, fd_step, layout, fn)
+        if layout is not None and layout.sharded:  # FSDP2: backward() passes (see _sharded_operands)
+            grad, hg, n_batches, samples = _sharded_operands(
+                model, loss_fn, batches, scored, hvp, fisher, fd_step, layout, fn
+            )
+            grad_sq = None
+        else:
+            grad, grad_sq, n_batches, samples = _mean_gradient(model, loss_fn, batches, scored, fisher, layout, fn)
+            hg = None
+            if hvp == "exact":
+                hg = _hvp_exact(model, loss_fn, batches, scored, grad, samples, layout, fn)
+            elif hvp == "finite_difference":
+                hg = _hvp_finite_difference(model, loss_fn, batches, scored, grad, samples, fd_step, layout, fn)
     finally:
         model.train(was_training)
     return GradientFlow(
@@ -491,3 +508,117 @@ grasp.__doc__ = """θ ⊙ Hḡ, signed: the most negative is pruned first (GraSP
 Use loss_fn=kf.criteria.cross_entropy(temperature=200) for GraSP's temperature on the logits."""
 fisher = _named("fisher")
 fisher.__doc__ = """θ² E[g_b²] over batches; per filter the sum."""
+
+
+# ---- sharded parameters (FSDP2) -----------------------------------------------------------------------
+
+
+def _shard_layout(t: Tensor) -> kf_dist.Layout:
+    return kf_dist.resolve([t], None, "koopfast.criteria.GradientFlow.scores")
+
+
+def _sharded_operands(model, loss_fn, batches, params, hvp, fisher, fd_step, layout, fn):
+    """ḡ (and Hḡ by finite differences) for DTensor Shard(0) parameters, FSDP2's layout.
+
+    FSDP's parameters are all-gathered for the forward pass and their gradients reduce-scattered
+    by ``.backward()`` (``torch.autograd.grad`` never reaches the sharded parameters), so each batch
+    is one ``backward()`` of w_b × loss, and each process reads its rows of ``.grad``: FSDP has
+    already averaged them over the processes (its default), so × P gives Σ_r w_b,r g_b,r. Every
+    backward pass is collective: every process must pass the same number of batches. The model's
+    ``.grad`` are restored afterwards."""
+    if hvp == "exact":
+        raise ValueError(
+            f"{fn}: hvp='exact' needs double backpropagation, which FSDP-sharded (DTensor) parameters do not "
+            "support; use hvp='finite_difference'"
+        )
+    if fisher:
+        raise ValueError(
+            f"{fn}: fisher=True needs each process's own per-batch gradients; with sharded (DTensor) parameters "
+            "backward() only yields their sum over the processes"
+        )
+    batches = list(batches)
+    counts = [c[0] for c in kf_dist.all_gather_ints([len(batches)], layout)]
+    if len(set(counts)) != 1:
+        raise ValueError(
+            f"{fn}: with sharded (DTensor) parameters every process must pass the same number of batches (each "
+            f"backward pass is collective), got {counts} by rank"
+        )
+    if counts[0] == 0:
+        raise ValueError(f"{fn}: expected at least one batch, got none on any of the {layout.world} processes")
+    everything = list(model.parameters())
+    saved = [p.grad for p in everything]
+    try:
+        total, samples = _sharded_sums(model, loss_fn, batches, params, everything, 1.0, layout, fn)
+        grad = {n: t / samples for n, t in total.items()}
+        hg = None
+        if hvp == "finite_difference":
+            hg = _sharded_finite_difference(
+                model, loss_fn, batches, params, everything, grad, samples, fd_step, layout, fn
+            )
+    finally:
+        for p, g in zip(everything, saved):
+            p.grad = g
+    wrap = {n: (lambda t, p=p: layout.wrap(t.to(p.dtype), p)) for n, p in params.items()}
+    grad = {n: wrap[n](t) for n, t in grad.items()}
+    hg = None if hg is None else {n: wrap[n](t) for n, t in hg.items()}
+    return grad, hg, counts[0] * layout.world, samples
+
+
+def _sharded_sums(model, loss_fn, batches, params, everything, sign, layout, fn):
+    """Σ over every process's batches of w_b g_b, this process's rows (float32/float64), and Σ w_b."""
+    total = {
+        n: torch.zeros_like(p.to_local(), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+        for n, p in params.items()
+    }
+    samples = 0.0
+    for batch in batches:
+        w = _batch_size(batch)
+        for p in everything:
+            p.grad = None
+        (_loss(model, loss_fn, batch, fn) * w).backward()
+        with torch.no_grad():
+            for name, p in params.items():
+                if p.grad is None:
+                    raise ValueError(
+                        f"{fn}: expected the loss to depend on every scored parameter, but not on {name!r}"
+                    )
+                total[name].add_(kf_dist.local(p.grad).to(total[name].dtype), alpha=sign * layout.world)
+        samples += w
+    count = torch.tensor([samples], dtype=torch.float64, device=kf_dist.comm_device(layout))
+    return total, float(kf_dist.all_reduce(count, layout))
+
+
+def _sharded_finite_difference(model, loss_fn, batches, params, everything, grad, samples, step, layout, fn):
+    """(∇L(θ + hḡ) − ∇L(θ − hḡ)) / 2h with each process moving its rows of θ (see
+    ``_hvp_finite_difference``); norms are summed over the processes."""
+    with torch.no_grad():
+        sums = torch.tensor(
+            [
+                sum(float(p.to_local().double().square().sum()) for p in params.values()),
+                sum(float(g.double().square().sum()) for g in grad.values()),
+            ],
+            dtype=torch.float64,
+            device=kf_dist.comm_device(layout),
+        )
+        theta_norm, g_norm = (math.sqrt(float(v)) for v in kf_dist.all_reduce(sums, layout))
+    if g_norm == 0:
+        return {n: torch.zeros_like(g) for n, g in grad.items()}
+    if step is None:
+        eps = max(torch.finfo(p.dtype).eps for p in params.values())
+        step = eps ** (1 / 3) * (1 + theta_norm) / g_norm
+    locals_ = {n: p.to_local() for n, p in params.items()}
+    originals = {n: t.detach().clone() for n, t in locals_.items()}
+    total = {n: torch.zeros_like(g) for n, g in grad.items()}
+    try:
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                for n, t in locals_.items():
+                    t.copy_(originals[n] + sign * step * grad[n].to(t.dtype))
+            part, _ = _sharded_sums(model, loss_fn, batches, params, everything, sign, layout, fn)
+            for n in total:
+                total[n] += part[n]
+    finally:
+        with torch.no_grad():
+            for n, t in locals_.items():
+                t.copy_(originals[n])  # exactly restored
+    return {n: t / (2 * step * samples) for n, t in total.items()}

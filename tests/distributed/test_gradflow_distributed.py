@@ -1,8 +1,10 @@
 """Gradient-flow operands, scores and masks over 2 and 3 gloo processes, against one process.
 
-Every process holds the same float64 model and takes its own batches (rank r: batches[r::world],
-uneven counts and sizes, none at all on some rank for the two-batch set); each must get the
-single-process result on all the batches. Each world size is spawned once (spawning costs seconds).
+Replicated (process_group, DDP): every process holds the same float64 model and takes its own
+batches (rank r: batches[r::world], uneven counts and sizes, none at all on some rank for the
+two-batch set). Sharded (FSDP2 fully_shard: DTensor parameters): the same number of batches per
+process. Each must get the single-process result on all the batches. Each world size is spawned
+once (spawning costs seconds).
 """
 
 from __future__ import annotations
@@ -82,16 +84,70 @@ def worker(rank: int, world: int) -> dict:
     except ValueError as exc:
         out["empty_error"] = str(exc)
 
-    # Sharded parameters are refused.
+    # A mix of DTensor and plain parameters is refused.
     mesh = init_device_mesh("cpu", (world,))
-    sharded = make_model()
-    sharded[0].weight = nn.Parameter(distribute_tensor(sharded[0].weight.detach(), mesh, [Shard(0)]))
+    mixed = make_model()
+    mixed[0].weight = nn.Parameter(distribute_tensor(mixed[0].weight.detach(), mesh, [Shard(0)]))
     try:
-        kf.criteria.gradient_flow(sharded, ce, batches[rank::world])
-        out["dtensor_error"] = None
+        kf.criteria.gradient_flow(mixed, ce, batches[rank::world])
+        out["mixed_error"] = None
     except ValueError as exc:
-        out["dtensor_error"] = str(exc)
+        out["mixed_error"] = str(exc)
+
+    out["fsdp"] = fsdp_outcomes(rank, world, batches)
     return out
+
+
+def fsdp_outcomes(rank: int, world: int, batches) -> dict:
+    """FSDP2 (fully_shard): DTensor Shard(0) parameters; the same number of batches per process."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    for layer in (model[0], model[2], model):
+        fully_shard(layer)
+    ce = kf.criteria.cross_entropy()
+    mine = batches[:SHARDED_BATCHES][rank::world]
+    flow = kf.criteria.gradient_flow(model, ce, mine, hvp="finite_difference")
+    out = {
+        "batches": (flow.batches,),
+        "samples": (flow.samples,),
+        "grad": {n: g.full_tensor() for n, g in flow.grad.items()},
+        "fd_hg": {n: h.full_tensor() for n, h in flow.hg.items()},
+        "scores": {m: {n: t.full_tensor() for n, t in flow.scores(m).items()} for m in SHARDED_MEASURES},
+        "filter": {n: t.full_tensor() for n, t in flow.scores("loss_preservation", "filter").items()},
+        "masks": {n: t.full_tensor() for n, t in flow.masks("gradient_norm_preservation", 0.7).items()},
+        "grads_restored": all(p.grad is None for p in model.parameters()),
+    }
+    for name, kw, use in (
+        ("exact", {"hvp": "exact"}, mine),
+        ("fisher", {"fisher": True}, mine),
+        ("uneven", {}, batches[rank::world] if world == 3 else batches[: rank + 1]),
+    ):
+        try:
+            kf.criteria.gradient_flow(model, ce, use, **kw)
+            out[f"{name}_error"] = None
+        except ValueError as exc:
+            out[f"{name}_error"] = str(exc)
+    return out
+
+
+SHARDED_BATCHES = 6  # 3 per process for 2 processes, 2 for 3: each backward pass is collective
+SHARDED_MEASURES = ("loss_preservation", "gradient_norm_preservation", "grasp", "magnitude")
+
+
+def sharded_reference() -> dict:
+    flow = kf.criteria.gradient_flow(
+        make_model(), kf.criteria.cross_entropy(), all_batches()[:SHARDED_BATCHES], hvp="finite_difference"
+    )
+    return {
+        "batches": (flow.batches,),
+        "samples": (flow.samples,),
+        "grad": flow.grad,
+        "fd_hg": flow.hg,
+        "scores": {m: flow.scores(m) for m in SHARDED_MEASURES},
+        "filter": flow.scores("loss_preservation", "filter"),
+        "masks": flow.masks("gradient_norm_preservation", 0.7),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -144,10 +200,31 @@ def test_no_batch_on_any_process_raises_everywhere(distributed):
         )
 
 
-def test_sharded_parameters_are_refused(distributed):
+def test_a_mix_of_sharded_and_plain_parameters_is_refused(distributed):
     _, per_rank = distributed
     for got in per_rank:
-        message = got["dtensor_error"]
-        assert message is not None
-        assert message.startswith("koopfast.criteria.gradient_flow: ")
-        assert "'0.weight'" in message and "sharded (DTensor)" in message and "process_group" in message
+        message = got["mixed_error"]
+        assert message is not None and message.startswith("koopfast.criteria.gradient_flow: ")
+        assert "either all tensors or none to be DTensors" in message
+
+
+def test_fsdp_sharded_parameters_give_the_single_process_result(distributed):
+    world, per_rank = distributed
+    want = sharded_reference()
+    for rank, got in enumerate(per_rank):
+        for key in want:
+            # ḡ: FSDP averages over processes and koopfast multiplies back: rounding only.
+            tol = (
+                {"rtol": 1e-7, "atol": 1e-9} if key in ("fd_hg", "scores", "filter") else {"rtol": 1e-12, "atol": 1e-14}
+            )
+            _close(f"fsdp, rank {rank}/{world}, {key}", got["fsdp"][key], want[key], **tol)
+        assert got["fsdp"]["grads_restored"]
+
+
+def test_fsdp_limits_raise_on_every_process(distributed):
+    _, per_rank = distributed
+    for got in per_rank:
+        fsdp = got["fsdp"]
+        assert "hvp='exact' needs double backpropagation" in fsdp["exact_error"]
+        assert "fisher=True needs each process's own per-batch gradients" in fsdp["fisher_error"]
+        assert "every process must pass the same number of batches" in fsdp["uneven_error"]
