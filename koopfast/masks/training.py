@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from koopfast import _distributed as kd
 from koopfast.masks.apply import fused_apply, match_masks
 from koopfast.masks.packed import PackedMask, pack
 
@@ -82,8 +83,12 @@ class Masked:
         # Validates shapes, dtypes and devices, and masks the parameters (and states) before any
         # hook exists: a rejected mask leaves the model and optimizer untouched.
         fused_apply(params, names, mask_tensors, names, list(range(len(params))), fn)
+        # DTensor (FSDP2) parameters and masks: each process keeps and applies its own rows.
         packed = pack(
-            {n: m if m.dtype == torch.bool else PackedMask(m, p.shape) for n, m, p in zip(names, mask_tensors, params)}
+            {
+                n: kd.local(m) if m.dtype == torch.bool else PackedMask(m, kd.local(p).shape)
+                for n, m, p in zip(names, mask_tensors, params)
+            }
         )
         self._packed: dict[str, PackedMask] = packed
         self._bits = [packed[n].bits for n in names]
@@ -100,7 +105,7 @@ class Masked:
 
     @property
     def masks(self) -> dict[str, PackedMask]:
-        """The masks, packed, keyed by parameter name."""
+        """The masks, packed, keyed by parameter name (for DTensor parameters: this process's rows)."""
         return dict(self._packed)
 
     @property

@@ -118,6 +118,20 @@ def fsdp_outcomes(rank: int, world: int, batches) -> dict:
         "masks": {n: t.full_tensor() for n, t in flow.masks("gradient_norm_preservation", 0.7).items()},
         "grads_restored": all(p.grad is None for p in model.parameters()),
     }
+    # Prune with the sharded masks and fine-tune under Masked (SGD with momentum): each process
+    # keeps its rows pruned; pruned entries stay exactly zero, kept ones train.
+    masks = flow.masks("gradient_norm_preservation", 0.7)
+    before = {n: p.full_tensor() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    with kf.masks.Masked(model, masks, optimizer):
+        for batch in mine:
+            optimizer.zero_grad()
+            ce(model, batch).backward()
+            optimizer.step()
+    after = {n: p.full_tensor() for n, p in model.named_parameters()}
+    full_masks = {n: m.full_tensor() for n, m in masks.items()}
+    out["masked_zero"] = all(bool((after[n][~m] == 0).all()) for n, m in full_masks.items())
+    out["masked_trained"] = all(not torch.equal(after[n][m], before[n][m]) for n, m in full_masks.items())
     for name, kw, use in (
         ("exact", {"hvp": "exact"}, mine),
         ("fisher", {"fisher": True}, mine),
@@ -219,6 +233,7 @@ def test_fsdp_sharded_parameters_give_the_single_process_result(distributed):
             )
             _close(f"fsdp, rank {rank}/{world}, {key}", got["fsdp"][key], want[key], **tol)
         assert got["fsdp"]["grads_restored"]
+        assert got["fsdp"]["masked_zero"] and got["fsdp"]["masked_trained"]
 
 
 def test_fsdp_limits_raise_on_every_process(distributed):
