@@ -17,14 +17,7 @@ import torch
 import koopfast as kf
 from koopfast import _digits
 
-CRITERIA = (
-    "magnitude",
-    "loss_preservation",
-    "biased_loss_preservation",
-    "gradient_norm_preservation",
-    "grasp",
-    "fisher",
-)
+CRITERIA = kf.criteria.gradflow.MEASURES  # every gradient-flow measure
 
 
 def run(args) -> None:

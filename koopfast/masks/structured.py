@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from koopfast.masks.topk import _Operands, _resolve_keep, keep_count
+from koopfast.masks.topk import _layerwise, _Operands, _resolve_keep
 
 __all__ = ["structured_topk"]
 
@@ -164,16 +164,4 @@ def _select_units(unit_scores: dict[str, Tensor], sparsity, keep, scope: str, fn
         raise ValueError(f"{fn}: expected keep only with scope='global', got keep={keep} with scope='layerwise'")
     if sparsity is None:
         raise ValueError(f"{fn}: expected a sparsity for scope='layerwise', got none")
-    if isinstance(sparsity, Mapping):
-        unknown = set(map(str, sparsity)) - set(operands.names)
-        if unknown:
-            raise ValueError(f"{fn}: expected sparsity keys among the score names, got unknown {sorted(unknown)}")
-    masks = []
-    for i, name in enumerate(operands.names):
-        s = sparsity.get(name, 0.0) if isinstance(sparsity, Mapping) else sparsity
-        k = keep_count(operands.a[i].numel(), s, fn=fn)
-        if operands.a[i].numel() == 0:
-            masks.append(torch.zeros_like(operands.a[i], dtype=torch.bool))
-        else:
-            masks.append(operands.subset(i).topk(k)[0])
-    return operands.pack(masks)
+    return operands.pack(_layerwise(operands, sparsity, fn))

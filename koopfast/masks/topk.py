@@ -172,6 +172,11 @@ def layerwise_topk(scores: Scores, sparsity: float | Mapping[str, float], *, by:
     """
     fn = "koopfast.masks.layerwise_topk"
     operands = _Operands(scores, by, fn)
+    return operands.pack(_layerwise(operands, sparsity, fn))
+
+
+def _layerwise(operands: _Operands, sparsity: float | Mapping[str, float], fn: str) -> list[Tensor]:
+    """Each tensor's own top round((1 - s) n) (s: common, or per name with 0 for names not given)."""
     if isinstance(sparsity, Mapping):
         unknown = set(map(str, sparsity)) - set(operands.names)
         if unknown:
@@ -180,12 +185,9 @@ def layerwise_topk(scores: Scores, sparsity: float | Mapping[str, float], *, by:
     for i, name in enumerate(operands.names):
         s = sparsity.get(name, 0.0) if isinstance(sparsity, Mapping) else sparsity
         a = operands.a[i]
-        if a.numel() == 0:
-            keep_count(0, s, fn=fn)  # still validates s
-            masks.append(torch.zeros_like(a, dtype=torch.bool))
-            continue
-        masks.append(operands.subset(i).topk(keep_count(a.numel(), s, fn=fn))[0])
-    return operands.pack(masks)
+        k = keep_count(a.numel(), s, fn=fn)  # validates s even for an empty tensor
+        masks.append(torch.zeros_like(a, dtype=torch.bool) if a.numel() == 0 else operands.subset(i).topk(k)[0])
+    return masks
 
 
 def _sharded(operands: _Operands, sparsity, keep, layout: kd.Layout, fn: str):
