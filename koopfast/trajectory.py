@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from koopfast import _distributed as kd
 from koopfast import ops
-from koopfast._params import ParamSource, named_prunable
+from koopfast.prunable import ParamSource, named_tensors
 
 __all__ = ["TrajectoryRecorder"]
 
@@ -44,9 +44,10 @@ class TrajectoryRecorder:
     """Records snapshots of named parameters into a fixed-capacity buffer.
 
     Args:
-        model_or_named_params: a model (its conv and linear weights and biases are recorded, as in
-            the Koopman pruning paper's code), a dict of named tensors, or (name, tensor) pairs.
-            All on one device.
+        model_or_named_params: a model (its prunable tensors are recorded: linear, convolutional and
+            attention-projection weights and biases, as in the Koopman pruning paper's code; see
+            :mod:`koopfast.prunable`), a dict of named tensors, or (name, tensor) pairs. All on one
+            device.
         capacity: snapshots the buffer holds (memory: capacity × N × element size).
         dtype: storage dtype: torch.float32 (default), torch.bfloat16 or torch.float16.
         device: where the buffer lives: None for the parameters' device, or "cpu" to keep
@@ -84,7 +85,7 @@ class TrajectoryRecorder:
         path: str | os.PathLike | None = None,
         process_group=None,
     ) -> None:
-        self._params = named_prunable(model_or_named_params, fn=_FN)
+        self._params = named_tensors(model_or_named_params, fn=_FN)
         self._layout = kd.resolve(list(self._params.values()), process_group, _FN)
         # With DTensor parameters, results (scores, modes, fixed points) come back as DTensors
         # placed like them; the recorder itself works on the local shards.
@@ -337,7 +338,7 @@ class TrajectoryRecorder:
 
     def _check_unchanged(self) -> None:
         if self._model is not None:
-            current = named_prunable(self._model, fn=f"{_FN}.record")
+            current = named_tensors(self._model, fn=f"{_FN}.record")
             if tuple(current) != self.names:
                 raise ValueError(
                     f"{_FN}.record: the model's prunable parameters changed from {list(self.names)[:4]}... to "

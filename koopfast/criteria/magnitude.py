@@ -7,18 +7,20 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from koopfast._params import ParamSource, named_prunable
+from koopfast.prunable import ParamSource, entries
 
 
 def magnitude(
     model_or_params: ParamSource, *, granularity: Literal["unstructured", "filter"] = "unstructured", p: int = 2
 ) -> dict[str, Tensor]:
-    """Scores of each prunable parameter (conv and linear weights and biases of a model, or the
-    given named tensors), on their devices.
+    """Scores of each prunable tensor (a model's, by :mod:`koopfast.prunable`'s rule, or the given
+    named tensors), on their devices, keyed by canonical name.
 
     ``granularity="unstructured"``: |θ|, shaped like the parameter. ``"filter"``: ‖θ_f‖_p per output
-    unit (the first dimension; p = 2 is the authors' "mag_based", p = 1 their "l1") of each weight
-    (2+ dimensions; biases follow their layer's units), keyed by name. For masks alone,
+    unit (p = 2 is the gradient-flow authors' "mag_based", p = 1 their "l1") of each weight (2+
+    dimensions; biases follow their layer's units), ``Tensor[units]`` keyed by name; units as
+    :class:`koopfast.prunable.Units` defines them (rows of a Linear weight, columns of a
+    Hugging Face ``Conv1D``, output channels of a convolution). For masks alone,
     ``kf.masks.global_topk(params, sparsity, by="abs")`` needs no materialised |θ|.
     """
     fn = "koopfast.criteria.magnitude"
@@ -26,12 +28,12 @@ def magnitude(
         raise ValueError(f"{fn}: expected granularity 'unstructured' or 'filter', got {granularity!r}")
     if p not in (1, 2) or isinstance(p, bool):
         raise ValueError(f"{fn}: expected p to be 1 or 2, got {p!r}")
-    params = named_prunable(model_or_params, fn=fn)
+    params = entries(model_or_params, fn=fn)
     with torch.no_grad():
         if granularity == "unstructured":
-            return {name: t.detach().abs() for name, t in params.items()}
+            return {name: e.tensor.detach().abs() for name, e in params.items()}
         return {
-            name: t.detach().reshape(t.shape[0], -1).norm(p=p, dim=1)
-            for name, t in params.items()
-            if t.dim() >= 2 and t.shape[0] > 0
+            name: e.units.rows(e.tensor.detach()).norm(p=p, dim=1)
+            for name, e in params.items()
+            if e.scored_per_unit
         }

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from koopfast import _distributed as kd
 from koopfast import ops
 from koopfast.masks.packed import PackedMask
+from koopfast.prunable import resolve_names
 
 __all__ = ["apply_"]
 
@@ -34,7 +35,8 @@ def _mask_tensor(mask, target: Tensor, name: str, fn: str) -> Tensor:
 def match_masks(target, masks, fn: str) -> tuple[list[str], list[Tensor], list[Tensor]]:
     """(names, tensors, mask tensors) of the tensors of ``target`` that ``masks`` names.
 
-    target: a model (masks keyed by parameter names, a subset of them), a dict of tensors (masks
+    target: a model (masks keyed by parameter names, a subset of them; an alias of a tied parameter
+    names it, and two names of one parameter raise), a dict of tensors (masks
     keyed by a subset of its keys), a list of tensors (a list of masks, one each) or one tensor.
     """
     if isinstance(target, (nn.Module, Mapping)):
@@ -44,12 +46,16 @@ def match_masks(target, masks, fn: str) -> tuple[list[str], list[Tensor], list[T
                 f"{fn}: expected masks as a dict keyed by {'parameter' if isinstance(target, nn.Module) else 'tensor'} "
                 f"names, got {type(masks).__name__}"
             )
-        unknown = [k for k in masks if k not in tensors]
-        if unknown:
-            what = "the model's parameter names" if isinstance(target, nn.Module) else "the tensor names"
-            raise ValueError(f"{fn}: expected mask names among {what}, got unknown {sorted(map(str, unknown))}")
-        names = [str(k) for k in masks]
-        chosen = [tensors[k] for k in masks]
+        if isinstance(target, nn.Module):  # aliases of tied parameters name their canonical tensor
+            names = resolve_names(target, masks, fn=fn, what="mask names")
+        else:
+            unknown = [k for k in masks if k not in tensors]
+            if unknown:
+                raise ValueError(
+                    f"{fn}: expected mask names among the tensor names, got unknown {sorted(map(str, unknown))}"
+                )
+            names = [str(k) for k in masks]
+        chosen = [tensors[k] for k in names]
         given = list(masks.values())
     elif isinstance(target, Tensor):
         names, chosen, given = ["tensor"], [target], [masks]
@@ -141,7 +147,8 @@ def apply_(model_or_tensors, masks):
     are not touched.
 
     Args:
-        model_or_tensors: a model (``masks`` keyed by parameter names, any subset of them), a
+        model_or_tensors: a model (``masks`` keyed by parameter names, any subset of them; the alias of a
+            tied parameter, such as ``lm_head.weight``, names the tensor once), a
             dict of tensors (``masks`` keyed by a subset of its keys), a list of tensors (a list
             of masks, one each) or a single tensor (a single mask).
         masks: bool tensors (True = keep) shaped like their tensors, :class:`PackedMask` es, or

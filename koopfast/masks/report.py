@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from koopfast import ops
-from koopfast._params import PRUNABLE_LAYERS
 from koopfast.masks.packed import PackedMask
 from koopfast.masks.training import Masked
+from koopfast.prunable import prunable
 
 __all__ = ["LayerSparsity", "SparsityReport", "report"]
 
@@ -120,19 +120,18 @@ def _from_masks(masks: Mapping, fn: str) -> SparsityReport:
 
 
 def _from_model(model: nn.Module) -> SparsityReport:
-    """Conv and linear weights and biases: kept = entries of the torch.nn.utils.prune mask
-    (``<name>_mask``) that are nonzero if the layer has one, else nonzero entries of the tensor."""
+    """The model's prunable tensors (:mod:`koopfast.prunable`): kept = entries of the
+    torch.nn.utils.prune mask (``<name>_mask``) that are nonzero if the layer has one, else nonzero
+    entries of the tensor. A tied tensor is one row, under its canonical name."""
     rows = []
-    for module_name, module in model.named_modules():
-        if not isinstance(module, PRUNABLE_LAYERS):
-            continue
-        prefix = f"{module_name}." if module_name else ""
-        for attr in ("weight", "bias"):
-            mask = getattr(module, f"{attr}_mask", None)
-            t = mask if isinstance(mask, Tensor) else getattr(module, attr, None)
-            if not isinstance(t, Tensor):
-                continue
-            rows.append(LayerSparsity(prefix + attr, tuple(t.shape), t.numel(), int(torch.count_nonzero(t.detach()))))
+    for entry in prunable(model).values():
+        module = model.get_submodule(entry.module_name)
+        mask = getattr(module, f"{entry.attr}_mask", None)
+        if isinstance(mask, Tensor):  # torch.nn.utils.prune: named as the attribute the mask computes
+            name, t = (f"{entry.module_name}.{entry.attr}" if entry.module_name else entry.attr), mask
+        else:
+            name, t = entry.name, entry.tensor
+        rows.append(LayerSparsity(name, tuple(t.shape), t.numel(), int(torch.count_nonzero(t.detach()))))
     return SparsityReport(tuple(rows))
 
 
@@ -142,7 +141,7 @@ def report(source) -> SparsityReport:
     Args:
         source: ``dict[name, mask]`` of bool tensors and :class:`PackedMask` es (counted by one
             kernel call per device); a :class:`~koopfast.masks.Masked` (its masks); or a model
-            (its conv and linear weights and biases: the nonzero entries of each
+            (its prunable tensors, :mod:`koopfast.prunable`: the nonzero entries of each
             torch.nn.utils.prune ``<name>_mask`` buffer where there is one, else of the tensor).
 
     Returns:

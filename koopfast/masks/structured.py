@@ -15,73 +15,79 @@ import torch
 from torch import Tensor, nn
 
 from koopfast.masks.topk import _layerwise, _Operands, _resolve_keep
+from koopfast.prunable import ALONG_DIM_0, Prunable, Units, aliases, entries, prunable, units_of
 
 __all__ = ["structured_topk"]
 
-_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
 class _Layer:
-    """A scored weight: its output-unit dimension, its groups, and its bias if any."""
+    """A scored weight: its output units, and its bias if any."""
 
-    def __init__(
-        self, name: str, weight: Tensor, bias_name: str | None, bias: Tensor | None, transposed: bool, groups: int
-    ):
-        self.name, self.weight, self.bias_name, self.bias = name, weight, bias_name, bias
-        self.transposed, self.groups = transposed, groups
+    def __init__(self, name: str, weight: Tensor, units: Units, bias_name: str | None, bias: Tensor | None):
+        self.name, self.weight, self.unit_layout = name, weight, units
+        self.bias_name, self.bias = bias_name, bias
 
     @property
     def units(self) -> int:
-        if self.weight.dim() == 0:
-            return 1
-        return self.weight.shape[1] * self.groups if self.transposed else self.weight.shape[0]
+        return 1 if self.weight.dim() == 0 else self.unit_layout.count(self.weight.shape)
 
     def expand(self, unit_mask: Tensor) -> Tensor:
         """The weight-shaped mask keeping the weights of the kept units."""
-        w = self.weight
-        if w.dim() <= 1:
-            return unit_mask.reshape(w.shape).clone()
-        trailing = [1] * (w.dim() - 1)
-        if not self.transposed:
-            return unit_mask.view(-1, *trailing).expand(w.shape).contiguous()
-        # ConvTranspose weight: [in, out / groups, *kernel]; output unit g * (out / groups) + j is
-        # column j of the rows of group g.
-        g = self.groups
-        per_group = unit_mask.view(g, 1, w.shape[1], *trailing[1:])
-        grouped = per_group.expand(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
-        return grouped.reshape(w.shape).contiguous()
+        if self.weight.dim() == 0:
+            return unit_mask.reshape(()).clone()
+        return self.unit_layout.expand(unit_mask, self.weight.shape)
 
 
 def _layers(model_or_params, names: list[str], fn: str) -> list[_Layer]:
-    out = []
     if isinstance(model_or_params, nn.Module):
-        for name in names:
-            # Attributes rather than named_parameters(): a layer pruned by torch.nn.utils.prune
-            # keeps its (masked) weight as a plain attribute.
+        return _model_layers(model_or_params, names, fn)
+    if not isinstance(model_or_params, Mapping):
+        raise TypeError(f"{fn}: expected a model or a dict of named parameters, got {type(model_or_params).__name__}")
+    given = entries(model_or_params, fn=fn)
+    out = []
+    for name in names:
+        if name not in given:
+            raise ValueError(f"{fn}: expected score names among the parameter names, got unknown {name!r}")
+        e = given[name]
+        bias = given[e.bias].tensor if e.bias is not None else None
+        out.append(_Layer(name, e.tensor, e.units or ALONG_DIM_0, e.bias, bias))
+    return out
+
+
+def _model_layers(model: nn.Module, names: list[str], fn: str) -> list[_Layer]:
+    """Scored weights of a model, looked up by canonical name, alias, or (for a layer pruned by
+    torch.nn.utils.prune, whose weight is then a plain attribute) attribute path."""
+    lookup: dict[str, Prunable] = {}
+    for e in prunable(model, embeddings=True).values():
+        path = f"{e.module_name}.{e.attr}" if e.module_name else e.attr
+        for key in (e.name, *e.aliases, path):
+            lookup.setdefault(key, e)
+    canonical = aliases(model)
+    out, seen = [], {}
+    for name in names:
+        e = lookup.get(name)
+        if e is not None:
+            module = model.get_submodule(e.module_name)
+            weight, units = getattr(module, e.attr), e.units
+        else:  # a parameter outside the default rule (a BatchNorm scale, ...): units along dim 0
             prefix, _, attr = name.rpartition(".")
             try:
-                module = model_or_params.get_submodule(prefix)
+                module = model.get_submodule(prefix)
             except AttributeError:
                 module = None
             weight = getattr(module, attr, None) if module is not None else None
             if not isinstance(weight, Tensor):
                 raise ValueError(f"{fn}: expected score names among the model's parameter names, got unknown {name!r}")
-            bias = getattr(module, "bias", None) if attr == "weight" else None
-            bias_name = f"{prefix}.bias" if prefix else "bias"
-            transposed = isinstance(module, _TRANSPOSED)
-            groups = getattr(module, "groups", 1) if transposed else 1
-            out.append(_Layer(name, weight, bias_name if isinstance(bias, Tensor) else None, bias, transposed, groups))
-        return out
-    if not isinstance(model_or_params, Mapping):
-        raise TypeError(f"{fn}: expected a model or a dict of named parameters, got {type(model_or_params).__name__}")
-    params = dict(model_or_params)
-    for name in names:
-        if name not in params:
-            raise ValueError(f"{fn}: expected score names among the parameter names, got unknown {name!r}")
-        prefix, dot, attr = name.rpartition(".")
-        bias_name = f"{prefix}{dot}bias" if attr == "weight" else None
-        bias = params.get(bias_name) if bias_name else None
-        out.append(_Layer(name, params[name], bias_name if isinstance(bias, Tensor) else None, bias, False, 1))
+            units = units_of(module, attr) or ALONG_DIM_0
+        key = canonical.get(name, e.name if e is not None else name)
+        if key in seen:
+            raise ValueError(
+                f"{fn}: expected one score per tensor, got {seen[key]!r} and {name!r}, two names of the tied "
+                f"parameter {key!r}"
+            )
+        seen[key] = name
+        bias_name = e.bias if e is not None else None
+        bias = model.get_parameter(bias_name) if bias_name is not None else None
+        out.append(_Layer(name, weight, units, bias_name, bias))
     return out
 
 
@@ -96,10 +102,16 @@ def structured_topk(
 ) -> dict[str, Tensor]:
     """Masks that keep or prune whole output units, chosen from per-unit scores (higher = keep).
 
-    An output unit is a row of a Linear weight, an output channel of a Conv weight (dim 0) or of
-    a ConvTranspose weight (dim 1, per group). With a model, the layer type decides; with a dict
-    of named tensors, units are along dim 0 and ``<prefix>.bias`` is the bias of
-    ``<prefix>.weight``.
+    Output units are those of :mod:`koopfast.prunable`: a row of a Linear weight, an output channel
+    of a Conv weight (dim 0) or of a ConvTranspose weight (dim 1, per group), a column of a Hugging
+    Face ``Conv1D`` weight (``[in, out]``), a row of ``nn.MultiheadAttention``'s ``in_proj_weight``.
+    With a model, the layer decides (and an alias of a tied parameter names it); with a dict of
+    named tensors, units are along dim 0 and ``<prefix>.bias`` is the bias of ``<prefix>.weight``.
+
+    Layers are chosen independently: units whose outputs are summed (residual connections) or
+    that feed a normalization layer are not coupled here, and the normalization layer after a
+    pruned unit is not masked (in eval mode a BatchNorm turns a zeroed unit into a constant). For
+    coupled units use :func:`koopfast.structure.coupled_masks`.
 
     ``scope="global"`` keeps exactly ``round((1 - sparsity) * U)`` of the U units of all scored
     layers together (or exactly ``keep`` units); ``scope="layerwise"`` keeps

@@ -73,6 +73,7 @@ class _Operands:
                     raise TypeError(f"{fn}: expected {name!r} to be a tensor for by={by!r}, got {type(v).__name__}")
                 self.a.append(v.detach())
         self.numel = sum(t.numel() for t in self.a)
+        _check_distinct(self.a, self.names, fn)
 
     def rename(self, exc: Exception) -> Exception:
         """The op's error with a[i] / b[i] replaced by the caller's names."""
@@ -111,6 +112,21 @@ class _Operands:
 
     def pack(self, masks: list[Tensor]):
         return dict(zip(self.keys, masks)) if self.is_mapping else masks
+
+
+def _check_distinct(tensors: list[Tensor], names: list[str], fn: str) -> None:
+    """A tensor listed twice (a tied parameter under both its names) would count twice in the budget."""
+    seen: dict[tuple, str] = {}
+    for t, name in zip(tensors, names):
+        if type(t) not in (Tensor, torch.nn.Parameter) or t.is_meta or t.numel() == 0:
+            continue  # DTensors, meta and empty tensors hold no storage of their own to compare
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if key in seen:
+            raise ValueError(
+                f"{fn}: expected each tensor once, got the same tensor as {seen[key]!r} and {name!r} (a tied "
+                "parameter is one entry: pass it under one name)"
+            )
+        seen[key] = name
 
 
 def global_topk(

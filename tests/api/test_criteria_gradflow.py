@@ -217,7 +217,7 @@ def test_batchnorm_scales_as_the_scored_source():
     model = convnet()
     batches = batches_for(model)
     flow = kf.criteria.gradient_flow(model, kf.criteria.cross_entropy(), batches, source="bn")
-    assert flow.units == {"0.weight": "1.weight"}
+    assert flow.bn_scales == {"0.weight": "1.weight"}
     gamma = model[1].weight.detach()
     model.eval()
     model.zero_grad()

@@ -256,7 +256,7 @@ def test_constructor_errors():
         kf.TrajectoryRecorder(net, capacity=4, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"expected anchor 'auto', 'none', 'first' or a dict of tensors, got 'last'"):
         kf.TrajectoryRecorder(net, capacity=4, anchor="last")
-    with pytest.raises(ValueError, match=r"expected a model with conv or linear layers"):
+    with pytest.raises(ValueError, match=r"expected a model with linear, convolutional or attention layers"):
         kf.TrajectoryRecorder(nn.ReLU(), capacity=4)
     with pytest.raises(TypeError, match=r"expected floating-point parameters, got 'i' of dtype torch.int64"):
         kf.TrajectoryRecorder({"i": torch.ones(3, dtype=torch.long)}, capacity=4)
