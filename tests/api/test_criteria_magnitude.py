@@ -41,7 +41,7 @@ def test_masks_from_magnitude_equal_fused_abs():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match=r"koopfast.criteria.magnitude: expected a model with linear, convolutional or attention layers"):
+    with pytest.raises(ValueError, match=r"magnitude: expected a model with linear, convolutional or attention layers"):
         kf.criteria.magnitude(nn.BatchNorm1d(3))
     with pytest.raises(ValueError, match=r"koopfast.criteria.magnitude: expected at least one named tensor, got none"):
         kf.criteria.magnitude({})
