@@ -10,7 +10,9 @@ W = Q F for a Q with orthonormal columns that is never formed:
 * ``"qr"``: F = R of a tall-skinny QR (TSQR: Householder QR of W's column chunks in float64,
   stacked), one pass over W, stable whatever the conditioning.
 * ``"randomized"``: Erichson et al. 2019: Q from a randomized range finder (sketch WΩ with
-  oversampling and power iterations) and F = QᵀW; for long trajectories where T² work is large.
+  oversampling and power iterations) and F = QᵀW, for a rank-k fit. Q = W C is kept as its
+  coefficients C (T × k), never as an N × k matrix: each power iteration is one streamed pass over
+  W (TSQR of W C and Wᵀ W C together), so extra memory is one block of the trajectory.
 
 The exact DMD of Tu et al. 2014 (the Koopman pruning authors' choice) then runs on F: X = F[:, :-1],
 Y = F[:, 1:], SVD X = UΣV*, Ã = U*YVΣ⁻¹, eig(Ã) = (λ, w), modes φ = λ⁻¹ Y V Σ⁻¹ w. A mode is a
@@ -35,7 +37,6 @@ import torch
 from torch import Tensor
 
 from koopfast import _distributed as kd
-from koopfast import ops
 from koopfast.trajectory import TrajectoryRecorder
 
 __all__ = ["DMD"]
@@ -45,6 +46,7 @@ Method = Literal["gram", "qr", "randomized"]
 Debias = Literal["none", "forward_backward"]
 
 _TSQR_CHUNK = 1 << 16
+_RANGE_RTOL = 1e-13  # randomized range finder: directions of Z below this × its largest are rounding
 _AUTO_RTOL_FACTOR = 1.0
 
 
@@ -125,27 +127,35 @@ class DMD:
         return evals[keep].sqrt()[:, None] * evecs[:, keep].T
 
     def _factor_qr(self, rec: TrajectoryRecorder) -> Tensor:
-        order = torch.tensor(rec._order, dtype=torch.long, device=rec.device)
-        t = len(order)
+        t = len(rec)
         r = torch.zeros(0, t, dtype=torch.float64, device=rec.device)
-        for n0 in range(0, rec.numel, _TSQR_CHUNK):
-            block = rec._snapshots[order, n0 : n0 + _TSQR_CHUNK].to(torch.float64)
-            if rec._anchor is not None:
-                block = block + rec._anchor[n0 : n0 + _TSQR_CHUNK].to(torch.float64)
+        for block in rec.blocks(_TSQR_CHUNK):
             r = torch.linalg.qr(torch.cat([r, block.T]), mode="r").R
-        return _stacked_r(r.cpu(), rec._layout)
+        return _stacked_r(r.cpu(), rec.layout)
 
     def _factor_randomized(self, rec: TrajectoryRecorder) -> Tensor:
+        """B = Qᵀ W for an orthonormal basis Q of the range of (W Wᵀ)^q W Ω, without storing Q.
+
+        Every basis is Q = W C for a small coefficient matrix C (t × k), so one streamed pass over W
+        gives both R of Z = W C (TSQR: Householder QR of the blocks' rows) and S = Wᵀ Z (t × k);
+        Q = Z P with P from R, the next sketch is W (Wᵀ Q) = W (S P), and finally B = (S P)ᵀ.
+        q + 1 passes (one more when Z is too ill-conditioned for P to orthonormalize it to working
+        precision); extra memory is one block of the trajectory whatever N is (the textbook QB
+        keeps Q, N × k, and more for its QR)."""
         t = len(rec)
         width = min(self.rank + self.oversample, t)
         gen = torch.Generator().manual_seed(self.seed)
-        omega = torch.randn(t, width, generator=gen, dtype=torch.float64)
-        z = rec._combine(omega)  # [width, N] = (W Ω)ᵀ
-        for _ in range(self.power_iters):
-            q = _orthonormal_rows(z, rec._layout)
-            z = rec._combine(_time_dots(rec, q))  # (W Wᵀ Q)ᵀ
-        q = _orthonormal_rows(z, rec._layout)
-        return _time_dots(rec, q).T.contiguous()  # B = Qᵀ W: [width, T]
+        coeffs = torch.randn(t, width, generator=gen, dtype=torch.float64)  # Ω: W Ω is the sketch
+        for i in range(self.power_iters + 1):
+            r, s = _range_pass(rec, coeffs)
+            p = _orthonormalizer(r)  # Q = W C P
+            if i < self.power_iters:
+                coeffs = s @ p  # Wᵀ Q: the next sketch is W Wᵀ Q
+        basis = coeffs @ p
+        if not _nearly_orthonormal(basis, rec.gram):
+            r, s = _range_pass(rec, basis)
+            p = _orthonormalizer(r)
+        return (s @ p).T.contiguous()  # [k, t]
 
     # ---- results --------------------------------------------------------------------------------------
 
@@ -205,13 +215,16 @@ class DMD:
         return self._recorder.unflatten(self._combine(c.real.contiguous())[0])
 
     def forecast(self, steps: int) -> dict[str, Tensor]:
-        """θ̂ = Re Σ_i λ_i^(T−1+steps) b_i φ_i: the parameters ``steps`` steps after the last
-        snapshot (0 reconstructs it), float32 in parameter shapes (Dogra & Redman 2020)."""
+        """The parameters ``steps`` steps after the last snapshot, float32 in parameter shapes
+        (Dogra & Redman 2020): θ̂ = θ_(T−1) + Re Σ_i (λ_i^steps − 1) b'_i φ_i, the last snapshot moved
+        by the fitted dynamics, with amplitudes b' fitted to the last snapshot. ``forecast(0)`` is
+        the last snapshot exactly (as stored); the part of it outside the modes' span (truncated
+        directions) stays as it is. Without truncation this equals Re Σ_i λ_i^steps b'_i φ_i."""
         steps = _positive_int(steps, "steps", minimum=0)
         fit = self._result()
-        t = fit.n_snapshots - 1 + steps
-        c = (fit.coeffs * (fit.amplitudes * fit.eigenvalues**t)).sum(1, keepdim=True)
-        return self._recorder.unflatten(self._combine(c.real.contiguous())[0])
+        c = (fit.coeffs * (fit.amplitudes_last * (fit.eigenvalues**steps - 1))).sum(1, keepdim=True).real
+        c[-1] += 1.0  # θ_(T−1) itself
+        return self._recorder.unflatten(self._combine(c.contiguous())[0])
 
     # ---- internals ------------------------------------------------------------------------------------
 
@@ -263,34 +276,19 @@ def _exact_dmd(factor: Tensor, *, rank: int | None, rtol: float, debias: str) ->
     coeffs[:-1, tiny] = vsw[:, tiny]  # λ ≈ 0: projected modes X V Σ⁻¹ w
     fc = f.to(torch.complex128)
     modes_reduced = fc @ coeffs  # Q*φ for every mode
-    amplitudes = torch.linalg.lstsq(modes_reduced, fc[:, :1]).solution[:, 0]
+    fits = torch.linalg.lstsq(modes_reduced, fc[:, [0, t - 1]]).solution  # to the first and the last snapshot
+    amplitudes, amplitudes_last = fits[:, 0], fits[:, 1]
     xv, yv = fc[:, :-1] @ vsw, fc[:, 1:] @ vsw
     residuals = (yv - lam * xv).norm(dim=0) / xv.norm(dim=0).clamp_min(1e-300)
     return _Fit(
         eigenvalues=lam,
         amplitudes=amplitudes,
+        amplitudes_last=amplitudes_last,
         residuals=residuals,
         singular_values=s,
         coeffs=coeffs,
         n_snapshots=t,
     )
-
-
-def _orthonormal_rows(z: Tensor, layout: kd.Layout | None) -> Tensor:
-    """Rows spanning the same space as z's rows, orthonormal ([k, N] -> [k, N]).
-
-    Across processes (z's columns split by process): TSQR with an explicit Q. Each process
-    factors its columns, zᵀ_local = Q_l R_l; the stacked R_l (gathered, k × k each) are factored
-    once more, [R_1; R_2; ...] = Q_s R; this process's rows of Q are Q_l times its block of Q_s.
-    Householder throughout, as on one process: no division by small singular values."""
-    zt = z.T.to(torch.float64)
-    if layout is None or layout.world == 1:
-        return torch.linalg.qr(zt).Q.T.contiguous()
-    k = zt.shape[1]
-    q_local, r_local = torch.linalg.qr(zt)  # [n, min(n, k)], [min(n, k), k]
-    q_stack = torch.linalg.qr(_gathered_r(r_local.cpu(), layout)).Q  # [world·k, k]
-    block = q_stack[layout.rank * k : layout.rank * k + q_local.shape[1]].to(q_local.device)
-    return (q_local @ block).T.contiguous()
 
 
 def _stacked_r(r: Tensor, layout: kd.Layout | None) -> Tensor:
@@ -308,16 +306,38 @@ def _gathered_r(r: Tensor, layout: kd.Layout) -> Tensor:
     return kd.all_gather_rows(square.to(kd.comm_device(layout)), layout).cpu()
 
 
-def _time_dots(rec: TrajectoryRecorder, vectors: Tensor) -> Tensor:
-    """[t, m] inner products <θ_t, v_j> of the stored snapshots (time order) with vectors [m, N]."""
-    d = ops.trajectory_dots(rec._snapshots, vectors.to(rec.device), rec._anchor)
-    if rec._layout is not None:
-        d = kd.all_reduce(d.to(kd.comm_device(rec._layout)), rec._layout).to(rec.device)
-    order = torch.tensor(rec._order, dtype=torch.long, device=d.device)
-    rows = d[order]
-    if rec._anchor is not None:
-        rows = rows + d[-1:]
-    return rows.cpu()
+def _range_pass(rec: TrajectoryRecorder, coeffs: Tensor) -> tuple[Tensor, Tensor]:
+    """One pass over W for Z = W C: R of Z (TSQR: Householder QR of the stacked block results,
+    across processes too) and S = Wᵀ Z (t × k), both float64 on the CPU."""
+    c_t = coeffs.T.contiguous().to(rec.device)  # [k, t]
+    k = c_t.shape[0]
+    r = torch.zeros(k, 0, dtype=torch.float64, device=rec.device)  # Rᵀ so far: [k, ≤ k]
+    s = torch.zeros(k, c_t.shape[1], dtype=torch.float64, device=rec.device)
+    for block in rec.blocks(_TSQR_CHUNK):
+        z_t = c_t @ block  # [k, n]: this block's rows of W C, transposed
+        # QR of the column-major [rows, k] stack of R and the block's rows (LAPACK's fast layout)
+        r = torch.linalg.qr(torch.cat([r, z_t], dim=1).T, mode="r").R.T
+        s += z_t @ block.T
+    layout = rec.layout
+    if layout is not None and layout.world > 1:
+        s = kd.all_reduce(s.to(kd.comm_device(layout)), layout)
+    return _stacked_r(r.T.cpu(), layout), s.T.cpu()
+
+
+def _nearly_orthonormal(coeffs: Tensor, gram: Tensor) -> bool:
+    """Whether W C has orthonormal columns to 1e-10 (CᵀGC against I: G's rounding is far below)."""
+    m = coeffs.T @ gram @ coeffs
+    return float((m - torch.eye(m.shape[0], dtype=m.dtype)).abs().max()) < 1e-10
+
+
+def _orthonormalizer(r: Tensor) -> Tensor:
+    """P such that Z P has orthonormal columns, for Z = Q_Z R: P = V Σ⁻¹ over the singular values
+    of R above 1e-13 σ₁ (rank-revealing: directions of Z lost to rounding are dropped)."""
+    _, sigma, vh = torch.linalg.svd(r, full_matrices=False)
+    keep = sigma > _RANGE_RTOL * sigma[0] if sigma.numel() and sigma[0] > 0 else sigma > 0
+    if not bool(keep.any()):
+        raise ValueError(f"{_FN}.fit: the trajectory's snapshots are all zero: no range to find")
+    return vh[keep].T / sigma[keep]
 
 
 def _conjugate_partner(lam: Tensor, i: int) -> int | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import operator
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -215,6 +215,26 @@ class TrajectoryRecorder:
         if self._like is not None:
             out = {name: self._layout.wrap(t, like) for (name, t), like in zip(out.items(), self._like)}
         return out
+
+    def blocks(self, size: int = 1 << 16) -> Iterator[Tensor]:
+        """The stored snapshots as float64 column blocks in time order: ``[t, n]`` slices of the
+        ``[t, N]`` trajectory (the anchor added back), n ≤ ``size``, from the first parameter to the
+        last. One block in memory at a time: passes over the trajectory cost ``t · size`` doubles of
+        memory, whatever N is (the snapshots may be on disk, ``path=``)."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{_FN}.blocks: expected a positive int size, got {size!r}")
+        order = torch.tensor(self._order, dtype=torch.long, device=self.device)
+        for n0 in range(0, self.numel, size):
+            block = self._snapshots[order, n0 : n0 + size].to(torch.float64)
+            if self._anchor is not None:
+                block += self._anchor[n0 : n0 + size].to(torch.float64)
+            yield block
+
+    @property
+    def layout(self) -> kd.Layout | None:
+        """How the parameters are spread across processes (None on one process): DMD reduces its
+        small factors over this layout."""
+        return self._layout
 
     @property
     def rank(self) -> int:

@@ -202,3 +202,15 @@ def test_errors_before_and_after_fitting():
     growing.record()
     with pytest.raises(RuntimeError, match=r"the recorder recorded 1 more snapshots since fit\(\); fit again"):
         fitted.fixed_point()
+
+
+@pytest.mark.parametrize("method", ["gram", "qr", "randomized"])
+def test_forecast_zero_is_the_last_snapshot_even_when_truncated(method):
+    """forecast(0) moves the last snapshot by (λ⁰ − 1) = 0: exactly the stored snapshot, also when
+    truncation leaves part of it outside the modes' span."""
+    rec, *_ = linear_system(noise=1e-3, seed=3)
+    kmd = kf.DMD(method, rank=3).fit(rec)
+    assert kmd.n_modes == 3
+    assert torch.equal(kmd.forecast(0)["theta"], rec.snapshot(-1)["theta"])
+    one = kmd.forecast(1)["theta"]
+    assert 0 < rel(one, rec.snapshot(-1)["theta"]) < 0.05  # moved, by a step's worth
