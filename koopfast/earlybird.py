@@ -169,8 +169,8 @@ class SplineEarlyBird(EarlyBird):
         else:
             targets = {n: m for n, m in named.items() if isinstance(m, BatchNorm)}
             if not targets:
-                layers = traced_spline_layers(model, first_batch(probe, model_device(model), fn=fn), fn=fn)
-                targets = {u.code_name: u.code_module for u in layers}
+                traced = traced_spline_layers(model, first_batch(probe, model_device(model), fn=fn), fn=fn)
+                targets = {u.code_name: u.code_module for u in traced.layers}
         self.model = model
         self.probe = probe
         self.modules = list(targets)

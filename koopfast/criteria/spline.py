@@ -110,6 +110,9 @@ class SplineScores(dict):
         distances: ``dict[name -> float64 Tensor[units, units]]``, the pairwise distances N(k, k')
             of the measure (the diagonal is inf).
         bn_names: ``dict[name -> str | None]``, the BatchNorm folded into each layer.
+        skipped: ``dict[layer name -> reason]``, the linear and convolutional layers not scored
+            because the method does not describe their partition (the classifier, activations
+            that are not ReLU-like, residual sums before the activation, no activation).
     """
 
     def __init__(
@@ -123,11 +126,13 @@ class SplineScores(dict):
         on_fraction: dict[str, Tensor] | None = None,
         distances: dict[str, Tensor] | None = None,
         bn_names: dict[str, str | None] | None = None,
+        skipped: dict[str, str] | None = None,
     ):  # defaults only so that copy.copy / pickle can rebuild it (they restore the attributes)
         super().__init__(scores)
         self.measure, self.policy = measure, policy
         self.ranks, self.flat, self.on_fraction = ranks or {}, flat or {}, on_fraction
         self.distances, self.bn_names = distances or {}, bn_names or {}
+        self.skipped = skipped or {}
 
     def masks(self, model: nn.Module, sparsity: float) -> dict[str, Tensor]:
         """Structured masks (:func:`koopfast.masks.structured_topk`) that prune exactly the units
@@ -174,10 +179,13 @@ def spline_redundancy(
 
     Args:
         model: a module with ``nn.Linear`` / ``nn.Conv1d/2d/3d`` layers, each optionally followed by
-            a BatchNorm (with running statistics) that consumes its output. Layers whose
-            pre-activation is (a view of) the model's output, the classifier, are not scored; a
-            classifier whose output is transformed before it is returned (``log_softmax(fc(x))``)
-            is not recognized as one and gets scores too.
+            a BatchNorm (with running statistics) that consumes its output. Scored are the layers
+            whose pre-activation goes into a ReLU-like activation (ReLU, leaky ReLU, PReLU) and
+            nothing else: the partition the method describes. The others are listed in
+            ``skipped`` with the reason: the classifier (its pre-activation is the model's
+            output), GELU/ReLU6/SiLU/tanh activations, no activation, or a residual sum before the
+            activation (a probe follows the data flow; without one, the next registered module
+            decides).
         probe: input data: a batch tensor or a re-iterable of batches (tuples ``(x, ...)`` allowed),
             run in eval mode. With a probe, BatchNorms are paired with layers by following the data
             (a forward pass on two samples), units that never switch on the probe are flagged, and
@@ -207,11 +215,13 @@ def spline_redundancy(
     if probe is None:
         if measure == "hamming":
             raise ValueError(f"{fn}: expected probe data for measure='hamming' (codes over the data), got probe=None")
-        layers = registered_spline_layers(model, fn=fn)
+        traced = registered_spline_layers(model, fn=fn)
         codes = None
     else:
         check_probe(probe, fn=fn)
-        layers = traced_spline_layers(model, first_batch(probe, model_device(model), fn=fn), fn=fn)
+        traced = traced_spline_layers(model, first_batch(probe, model_device(model), fn=fn), fn=fn)
+    layers = traced.layers
+    if probe is not None:
         codes = record_codes(model, {u.code_name: u.code_module for u in layers}, probe, fn=fn)
 
     distances: dict[str, Tensor] = {}
@@ -241,6 +251,7 @@ def spline_redundancy(
         on_fraction=on_fraction,
         distances=distances,
         bn_names={u.weight_name: u.bn_name for u in layers},
+        skipped=dict(traced.skipped),
     )
 
 

@@ -73,7 +73,6 @@ class _Operands:
                     raise TypeError(f"{fn}: expected {name!r} to be a tensor for by={by!r}, got {type(v).__name__}")
                 self.a.append(v.detach())
         self.numel = sum(t.numel() for t in self.a)
-        _check_distinct(self.a, self.names, fn)
 
     def rename(self, exc: Exception) -> Exception:
         """The op's error with a[i] / b[i] replaced by the caller's names."""
@@ -165,11 +164,13 @@ def global_topk(
 
     Raises:
         ValueError: sparsity outside [0, 1), keep outside [0, N], no elements, NaN in a score
-            (naming the tensor), tensors on different devices or pairs of different shapes.
+            (naming the tensor), tensors on different devices or pairs of different shapes, the same
+            tensor listed twice (a tied parameter under two names would count twice).
         TypeError: non-floating scores, wrong container types.
     """
     fn = "koopfast.masks.global_topk"
     operands = _Operands(scores, by, fn)
+    _check_distinct(operands.a, operands.names, fn)
     layout = kd.resolve(operands.a, process_group, fn)
     if layout is not None:
         return _sharded(operands, sparsity, keep, layout, fn)

@@ -243,13 +243,11 @@ class PreActBlock(nn.Module):
 def test_batchnorms_are_paired_by_data_flow():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), PreActBlock(4), PreActBlock(4), nn.Flatten(), nn.Linear(4 * 36, 2))
     scores = kf.criteria.spline_redundancy(model, torch.randn(4, 3, 8, 8))
-    assert scores.bn_names == {
-        "0.weight": "1.bn1",
-        "1.conv1.weight": "1.bn2",
-        "1.conv2.weight": None,
-        "2.conv1.weight": "2.bn2",
-        "2.conv2.weight": None,
-    }
+    assert scores.bn_names == {"0.weight": "1.bn1", "1.conv1.weight": "1.bn2", "2.conv1.weight": "2.bn2"}
+    # conv2's output is added to the block's input before any activation: the sum's boundary, not the unit's
+    assert set(scores.skipped) == {"1.conv2", "2.conv2", "4"}
+    assert all("residual sum" in scores.skipped[n] for n in ("1.conv2", "2.conv2"))
+    assert "classifier" in scores.skipped["4"]
 
 
 def test_registration_order_without_a_probe():
@@ -402,3 +400,49 @@ def test_structured_masks_also_silence_the_folded_batchnorm():
     kf.masks.apply_(model, masks)
     hidden = model[:3](torch.randn(16, 6))
     assert bool((hidden[:, ~masks["0.bias"]] == 0).all()), "pruned units output exactly zero"
+
+
+class Functional(nn.Module):
+    """Activations as function calls: invisible to module hooks, seen in the data flow."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Linear(6, 5), nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.a(x), 0.1)
+        h = torch.tanh(self.b(h))
+        return self.d(F.relu(self.c(h), inplace=True))
+
+
+def test_only_layers_with_a_relu_like_activation_are_scored():
+    model = nn.Sequential(
+        nn.Linear(6, 8), nn.ReLU(inplace=True),  # kept
+        nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Dropout(0.3), nn.PReLU(),  # kept: dropout passes through
+        nn.Linear(8, 8), nn.ReLU6(),  # a second kink at 6
+        nn.Linear(8, 8), nn.GELU(),  # smooth
+        nn.Linear(8, 8),  # no activation: a linear bottleneck feeding the next layer
+        nn.Linear(8, 3),
+    ).eval()
+    probe = torch.randn(16, 6)
+    scores = kf.criteria.spline_redundancy(model, probe)
+    assert list(scores) == ["0.weight", "2.weight"] and scores.bn_names["2.weight"] == "3"
+    assert set(scores.skipped) == {"6", "8", "10", "11"}
+    assert "ReLU6-like" in scores.skipped["6"] and "gelu" in scores.skipped["8"]
+    assert "no activation" in scores.skipped["10"] and "classifier" in scores.skipped["11"]
+    registered = kf.criteria.spline_redundancy(model)  # registration order: the next activation module
+    assert list(registered) == ["0.weight", "2.weight", "10.weight"]
+    assert "ReLU6" in registered.skipped["6"] and "GELU" in registered.skipped["8"]
+    functional = kf.criteria.spline_redundancy(Functional(), probe)
+    assert list(functional) == ["a.weight", "c.weight"] and "tanh" in functional.skipped["b"]
+
+
+def test_a_model_without_any_spline_layer_says_why():
+    fn = "koopfast.criteria.spline_redundancy"
+    model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=rf"{fn}: expected hidden .* ReLU-like .* \('0': its output goes into gelu"):
+        kf.criteria.spline_redundancy(model, torch.randn(4, 6))
+    with pytest.raises(ValueError, match=r"expected hidden .* '0': followed by GELU"):
+        kf.criteria.spline_redundancy(model)
+    with pytest.raises(ValueError, match=r"koopfast.EarlyBird.spline: expected hidden .* gelu"):
+        kf.EarlyBird.spline(model, torch.randn(4, 6))
