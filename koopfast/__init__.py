@@ -7,7 +7,7 @@ from koopfast._loader import load_extension as _load_extension
 
 _C = _load_extension()
 
-from koopfast import criteria, earlybird, masks, ops, prune, reference  # noqa: E402  (after the core is loaded)
+from koopfast import criteria, earlybird, masks, ops, prunable, prune, reference, structure  # noqa: E402  (after the core)
 from koopfast.dmd import DMD  # noqa: E402
 from koopfast.earlybird import EarlyBird  # noqa: E402
 from koopfast.trajectory import TrajectoryRecorder  # noqa: E402
@@ -32,6 +32,8 @@ __all__ = [
     "earlybird",
     "masks",
     "ops",
+    "prunable",
     "prune",
     "reference",
+    "structure",
 ]

@@ -30,7 +30,10 @@ need = {"scikit_build_core": "scikit-build-core", "pybind11": "pybind11", "ninja
         "numpy": "numpy", "pytest": "pytest", "pytest_benchmark": "pytest-benchmark",
         "hypothesis": "hypothesis", "ruff": "ruff", "sklearn": "scikit-learn",
         "pydmd": "pydmd",  # PyDMD: the peer the DMD benchmark and tests compare against
-        "matplotlib": "matplotlib", "tqdm": "tqdm"}  # the command line's plots and progress bars
+        "matplotlib": "matplotlib", "tqdm": "tqdm",  # the command line's plots and progress bars
+        # the model zoo (Hugging Face models built from small configs, nothing downloaded) and
+        # koopfast.structure's dependency graph
+        "transformers": "transformers>=5", "torch_pruning": "torch-pruning>=1.6"}
 missing = [pip for mod, pip in need.items() if importlib.util.find_spec(mod) is None]
 # CMake >= 3.26 is needed (C++20 for CUDA); the PyPI package provides it where the system's is older.
 try:

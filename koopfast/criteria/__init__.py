@@ -15,6 +15,7 @@ from koopfast.criteria.gradflow import (
 )
 from koopfast.criteria.koopman import KoopmanScores, koopman_gradient, koopman_magnitude
 from koopfast.criteria.magnitude import magnitude
+from koopfast.criteria.per_unit import per_unit
 from koopfast.criteria.spline import SplineScores, fold_batchnorm, spline_redundancy
 
 __all__ = [
@@ -32,5 +33,6 @@ __all__ = [
     "koopman_magnitude",
     "loss_preservation",
     "magnitude",
+    "per_unit",
     "spline_redundancy",
 ]
