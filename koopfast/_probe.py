@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from koopfast import ops
+from koopfast.prunable import is_hf_conv1d
 
 Probe = Tensor | Iterable[Tensor | Sequence[Tensor]]
 
@@ -127,7 +128,7 @@ class CodeSet:
 def unit_dim(module: nn.Module) -> int:
     """The dimension of a module's output that indexes its units: features last for a linear
     layer, channels (dim 1) for convolutions and BatchNorm."""
-    return -1 if isinstance(module, nn.Linear) else 1
+    return -1 if isinstance(module, nn.Linear) or is_hf_conv1d(module) else 1
 
 
 def record_codes(model: nn.Module, targets: dict[str, nn.Module], probe: Probe, *, fn: str) -> dict[str, CodeSet]:

@@ -20,8 +20,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from koopfast._probe import eval_mode, forward_hooks, run_model
+from koopfast.prunable import is_hf_conv1d
 
 SPLINE_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_spline_layer(module: nn.Module) -> bool:
+    """A linear or convolutional layer (Hugging Face's Conv1D, a linear layer stored [in, out],
+    included)."""
+    return isinstance(module, SPLINE_LAYER_TYPES) or is_hf_conv1d(module)
+
+
+def unit_major_weight(layer: nn.Module) -> Tensor:
+    """The layer's weight with its output units first ([out, ...]: Conv1D's [in, out] transposed)."""
+    return layer.weight.t() if is_hf_conv1d(layer) else layer.weight
 BatchNorm = nn.modules.batchnorm._BatchNorm
 RELU_LIKE_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU)
 
@@ -52,7 +64,7 @@ class SplineLayer:
 
     @property
     def units(self) -> int:
-        return self.layer.weight.shape[0]
+        return unit_major_weight(self.layer).shape[0]
 
     @property
     def code_name(self) -> str:
@@ -65,7 +77,7 @@ class SplineLayer:
 
 
 def _candidates(model: nn.Module, fn: str) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, SPLINE_LAYER_TYPES)}
+    layers = {n: m for n, m in model.named_modules() if is_spline_layer(m)}
     if not layers:
         raise ValueError(
             f"{fn}: expected a model with linear or convolutional layers (nn.Linear, nn.Conv1d/2d/3d), "
@@ -76,7 +88,7 @@ def _candidates(model: nn.Module, fn: str) -> tuple[dict[str, nn.Module], dict[s
 
 
 def _units_match(layer: nn.Module, bn: nn.Module) -> bool:
-    return bn.num_features == layer.weight.shape[0]
+    return bn.num_features == unit_major_weight(layer).shape[0]
 
 
 def _tensors_in(out: object) -> list[Tensor]:
@@ -99,30 +111,46 @@ class _OpLog(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.ops: list[tuple[str, set[int], set[int]]] = []
+        self.ops: list[tuple[str, set[int], set[int], str | None]] = []
         self._alive: list[Tensor] = []
+        self._modules: list[str] = []  # the leaf modules running now (their class names)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         outs = [t for t in tree_leaves(out) if isinstance(t, Tensor)]
         self._alive += outs
-        self.ops.append((func.overloadpacket.__name__, _storages(ins), _storages(outs)))
+        where = self._modules[-1] if self._modules else None
+        self.ops.append((func.overloadpacket.__name__, _storages(ins), _storages(outs), where))
         return out
+
+    def watch(self, model: nn.Module) -> list:
+        """Hooks that tell the log which leaf module each operation runs in."""
+        def enter(module, _inputs) -> None:
+            self._modules.append(type(module).__name__)
+
+        def leave(*_) -> None:  # returns None: the module's output is left as it is
+            self._modules.pop()
+
+        handles = []
+        for m in model.modules():
+            if not list(m.children()):
+                handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+        return handles
 
     def consumers(self, t: Tensor, after: int) -> list[str]:
         """The operations that first use ``t``'s value (from op index ``after`` on), looking through
-        views, copies and dropout."""
+        views, copies and dropout; named ``op`` or ``op in Module`` when a module runs it."""
         frontier = _storages([t])
         found = []
-        for name, ins, outs in self.ops[after:]:
+        for name, ins, outs, where in self.ops[after:]:
             used = ins & frontier
             if not used:
                 continue
             if name in _PASS_THROUGH_OPS:
                 frontier |= outs
                 continue
-            found.append(name)
+            found.append(name if where is None or name in _RELU_LIKE_OPS else f"{name} in {where}")
             frontier -= used & outs  # an in-place operation: later uses see its result, not t
         return found
 
@@ -164,8 +192,13 @@ def traced_spline_layers(model: nn.Module, batch: Tensor, *, fn: str) -> TracedL
         return hook
 
     hooks = {m: layer_hook(n) for n, m in layers.items()} | {m: bn_hook(n) for n, m in bns.items()}
-    with eval_mode(model), forward_hooks(hooks), log:
-        result = run_model(model, batch[:2], fn=fn, batch=batch)
+    handles = log.watch(model)
+    try:
+        with eval_mode(model), forward_hooks(hooks), log:
+            result = run_model(model, batch[:2], fn=fn, batch=batch)
+    finally:
+        for h in handles:
+            h.remove()
     model_outputs = _tensors_in(result)
 
     found, skipped = [], {}
@@ -208,11 +241,12 @@ def _activation_problem(consumers: list[str], bn_name: str | None) -> str | None
     if not others:
         return None
     op = others[0]
-    if op in ("add", "add_", "sub", "sub_"):
+    kind = op.split(" in ")[0]
+    if kind in ("add", "add_", "sub", "sub_"):
         return f"{what} is added to another branch ({op}) before any activation: a residual sum"
-    if op in ("hardtanh", "hardtanh_", "relu6", "clamp", "clamp_"):
+    if kind in ("hardtanh", "hardtanh_", "relu6", "clamp", "clamp_"):
         return f"{what} goes into {op} (ReLU6-like: a second kink, two boundaries per unit)"
-    if op in ("convolution", "addmm", "mm", "bmm", "linear", "matmul", "native_batch_norm", "mean", "sum"):
+    if kind in ("convolution", "addmm", "mm", "bmm", "linear", "matmul", "native_batch_norm", "mean", "sum"):
         return f"{what} goes into {op} with no activation in between (a linear layer: no boundary of its own)"
     return f"{what} goes into {op}, not a ReLU-like activation (the method describes max-affine splines)"
 
@@ -220,7 +254,7 @@ def _activation_problem(consumers: list[str], bn_name: str | None) -> str | None
 def _holds_state(module: nn.Module) -> bool:
     """A module that computes with its own parameters or buffers (not a container, activation,
     pooling or dropout)."""
-    if isinstance(module, (*SPLINE_LAYER_TYPES, BatchNorm)):
+    if is_spline_layer(module) or isinstance(module, BatchNorm):
         return True
     own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
     return bool(own) and not list(module.children())

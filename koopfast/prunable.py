@@ -140,7 +140,7 @@ class Coverage:
         return self.table()
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
+def is_hf_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2): a linear layer storing its weight as [in, out] (``nf`` = out).
     Recognized by its class name and layout, without importing transformers."""
     weight = getattr(module, "weight", None)
@@ -168,13 +168,13 @@ def units_of(module: nn.Module, attr: str) -> Units | None:
     if attr not in ("weight", "bias"):
         return None
     if attr == "bias":
-        is_layer = isinstance(module, (*_LINEAR_LIKE, _CONV)) or _is_hf_conv1d(module)
+        is_layer = isinstance(module, (*_LINEAR_LIKE, _CONV)) or is_hf_conv1d(module)
         return ALONG_DIM_0 if is_layer and t.dim() == 1 else None
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return Units(1, module.groups)
     if isinstance(module, (*_LINEAR_LIKE, _CONV)):
         return ALONG_DIM_0
-    if _is_hf_conv1d(module):
+    if is_hf_conv1d(module):
         return Units(1)
     if isinstance(module, _EMBEDDINGS):
         return Units(1)

@@ -34,8 +34,9 @@ from torch import Tensor, nn
 
 from koopfast import ops
 from koopfast._probe import Probe, check_probe, first_batch, model_device, record_codes
-from koopfast._spline_layers import SplineLayer, registered_spline_layers, traced_spline_layers
+from koopfast._spline_layers import SplineLayer, registered_spline_layers, traced_spline_layers, unit_major_weight
 from koopfast.masks import keep_count, structured_topk
+from koopfast.prunable import is_hf_conv1d
 
 __all__ = ["SplineScores", "fold_batchnorm", "spline_redundancy"]
 
@@ -61,11 +62,13 @@ def fold_batchnorm(layer: nn.Module, bn: nn.Module | None = None) -> tuple[Tenso
         ValueError: a BatchNorm of another size, one without running statistics, or non-finite
             folded parameters.
     """
-    return _fold(layer, bn, "koopfast.criteria.fold_batchnorm", "the BatchNorm")
+    w, b = _fold(layer, bn, "koopfast.criteria.fold_batchnorm", "the BatchNorm")
+    return (w.t() if is_hf_conv1d(layer) else w), b
 
 
 def _fold(layer: nn.Module, bn: nn.Module | None, fn: str, what: str) -> tuple[Tensor, Tensor]:
-    w = layer.weight.detach().double()
+    """Folded weight with the output units first ([out, ...]) and bias [out]."""
+    w = unit_major_weight(layer).detach().double()
     units = w.shape[0]
     b = layer.bias.detach().double() if getattr(layer, "bias", None) is not None else w.new_zeros(units)
     if bn is not None:
