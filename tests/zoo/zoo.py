@@ -3,8 +3,8 @@ weights (nothing is downloaded): Hugging Face GPT-2, BERT, a Llama-style decoder
 attention, ViT, ResNet and MobileNetV2, and torch's own nn.TransformerEncoder.
 
 Each case knows how to build the model, make a batch, compute a mean-reduced loss, what its
-example inputs and output tensor are (for Torch-Pruning's tracing), and what the default
-selection of prunable tensors leaves out, and why.
+example inputs are (for Torch-Pruning's tracing), and what the default selection of prunable
+tensors leaves out, and why.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-transformers = pytest.importorskip("transformers")
-transformers.logging.set_verbosity_error()
+from koopfast.benchmarks import models
+
+pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", message=".*token_id.*", category=UserWarning)
 
 VOCAB = 48
@@ -32,9 +33,7 @@ class Case:
     batch: Callable[[torch.Generator], Any]
     loss: Callable[[nn.Module, Any], torch.Tensor]
     inputs: Callable[[Any], Any]  # the batch as the model's forward arguments (for tracing)
-    output: Callable[[Any], torch.Tensor]  # the model's output as a tensor
     left_out: dict[str, str] = field(default_factory=dict)  # name pattern -> reason keyword
-    classifier: str | None = None  # the module whose outputs are the predictions
 
     def model(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
@@ -72,90 +71,44 @@ def _encoder_loss(model, batch):
     return (model(x).mean(1)[:, : y.shape[1]] - y).square().mean()
 
 
-def _gpt2():
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=16)
-    return transformers.GPT2LMHeadModel(cfg)
-
-
-def _bert():
-    cfg = transformers.BertConfig(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48, vocab_size=VOCAB,
-        max_position_embeddings=16,
-    )
-    return transformers.BertForMaskedLM(cfg)
-
-
-def _llama():
-    cfg = transformers.LlamaConfig(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-        vocab_size=VOCAB, max_position_embeddings=16,
-    )
-    return transformers.LlamaForCausalLM(cfg)
-
-
-def _vit():
-    cfg = transformers.ViTConfig(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48, image_size=16, patch_size=4,
-        num_labels=10,
-    )
-    return transformers.ViTForImageClassification(cfg)
-
-
-def _resnet():
-    cfg = transformers.ResNetConfig(
-        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=10
-    )
-    return transformers.ResNetForImageClassification(cfg)
-
-
-def _mobilenet():
-    cfg = transformers.MobileNetV2Config(image_size=32, depth_multiplier=0.35, num_labels=10)
-    return transformers.MobileNetV2ForImageClassification(cfg)
-
-
-def _encoder():
-    layer = nn.TransformerEncoderLayer(32, 4, 48, batch_first=True, dropout=0.0)
-    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-
-
 def _sequences(gen):
     return torch.randn(4, 6, 32, generator=gen), torch.randn(4, 4, generator=gen)
 
+
+def _ids(ids):
+    return {"input_ids": ids}
+
+
+def _pixels(batch):
+    return {"pixel_values": batch[0]}
+
+
+_EMBEDDING, _NORM, _OTHER = "embedding table", "normalization", "not a weight"
 
 CASES = {
     c.name: c
     for c in [
         Case(
-            "gpt2", _gpt2, _tokens, _lm_loss, lambda ids: {"input_ids": ids}, lambda out: out.logits,
-            {"wte.weight": "embedding table", "wpe.weight": "embedding table", "ln_": "normalization"},
+            "gpt2", lambda: models.gpt2(vocab=VOCAB), _tokens, _lm_loss, _ids,
+            {"wte.weight": _EMBEDDING, "wpe.weight": _EMBEDDING, "ln_": _NORM},
         ),
         Case(
-            "bert", _bert, _tokens, _lm_loss, lambda ids: {"input_ids": ids}, lambda out: out.logits,
-            {"_embeddings.weight": "embedding table", "LayerNorm": "normalization"},
+            "bert", lambda: models.bert(vocab=VOCAB), _tokens, _lm_loss, _ids,
+            {"_embeddings.weight": _EMBEDDING, "LayerNorm": _NORM},
         ),
         Case(
-            "llama", _llama, _tokens, _lm_loss, lambda ids: {"input_ids": ids}, lambda out: out.logits,
-            {"embed_tokens": "embedding table", "norm": "normalization"},
-            classifier="lm_head",
+            "llama", lambda: models.llama(vocab=VOCAB), _tokens, _lm_loss, _ids,
+            {"embed_tokens": _EMBEDDING, "norm": _NORM},
         ),
         Case(
-            "vit", _vit, _images(16), _image_loss, lambda b: {"pixel_values": b[0]}, lambda out: out.logits,
-            {"cls_token": "not a weight", "position_embeddings": "not a weight", "layernorm": "normalization"},
-            classifier="classifier",
+            "vit", models.vit, _images(16), _image_loss, _pixels,
+            {"cls_token": _OTHER, "position_embeddings": _OTHER, "layernorm": _NORM},
         ),
+        Case("resnet", models.resnet, _images(32), _image_loss, _pixels, {"normalization": _NORM}),
+        Case("mobilenet_v2", models.mobilenet_v2, _images(32), _image_loss, _pixels, {"normalization": _NORM}),
         Case(
-            "resnet", _resnet, _images(32), _image_loss, lambda b: {"pixel_values": b[0]}, lambda out: out.logits,
-            {"normalization": "normalization"},
-            classifier="classifier.1",
-        ),
-        Case(
-            "mobilenet_v2", _mobilenet, _images(32), _image_loss, lambda b: {"pixel_values": b[0]},
-            lambda out: out.logits, {"normalization": "normalization"},
-            classifier="classifier",
-        ),
-        Case(
-            "transformer_encoder", _encoder, _sequences, _encoder_loss, lambda b: b[0], lambda out: out,
-            {"norm": "normalization"},
+            "transformer_encoder", models.transformer_encoder, _sequences, _encoder_loss, lambda b: b[0],
+            {"norm": _NORM},
         ),
     ]
 }
