@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-FAMILIES = ("select", "masks", "koopman", "gradflow", "codes", "distributed")
+FAMILIES = ("select", "masks", "koopman", "gradflow", "hvp", "codes", "distributed")
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -8,6 +8,10 @@
 * ``record``: one ``TrajectoryRecorder.record()`` with 32 snapshots stored, against the PyTorch
   way: ``torch.cat`` of the parameters, a copy into the buffer row, and ``buffer @ flat`` (float32
   accumulation; koopfast accumulates in float64).
+* ``randomized``: a rank-10 randomized DMD fit (2 power iterations) of T = 20 snapshots of N
+  parameters (ResNet-18 size in the full run): peak memory beyond the snapshot buffer, koopfast's
+  streamed range finder against the textbook QB in torch (W Ω, QR, W (Wᵀ Q), QR, Qᵀ W, float64 as
+  koopfast computes), same sketch Ω, same eigenvalues; DMD("qr") and DMD("gram") for scale.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from koopfast.benchmarks.harness import Row, fill_ratios, peak_extra_bytes, time
 AUTHORS = "authors' exact DMD (NumPy SVD, float64)"
 PYDMD = "PyDMD DMD(exact=True)"
 TORCH_RECORD = "torch: cat + copy + W @ flat"
+TEXTBOOK_QB = "torch: textbook randomized QB (explicit Q)"
 
 
 @dataclass(frozen=True)
@@ -173,7 +178,91 @@ def run_record(case: RecordCase, device: torch.device, repeat: int | None) -> li
     return fill_ratios(rows, TORCH_RECORD)
 
 
+@dataclass(frozen=True)
+class RandomizedCase:
+    n: int
+    t: int = 20
+    rank: int = 10
+    oversample: int = 10
+    power_iters: int = 2
+
+    @property
+    def name(self) -> str:
+        return f"randomized DMD N={self.n:.2e} T={self.t} rank {self.rank}"
+
+
+def textbook_qb(w: torch.Tensor, case: RandomizedCase) -> torch.Tensor:
+    """B = Qᵀ W of Halko et al.'s randomized range finder with an explicit N × k Q, float64, with
+    koopfast's sketch Ω (same seed): what a user writes in torch. w: [t, N] snapshots."""
+    width = min(case.rank + case.oversample, case.t)
+    omega = torch.randn(case.t, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    wt = w.T.double()  # [N, t]
+    q = torch.linalg.qr(wt @ omega).Q
+    for _ in range(case.power_iters):
+        q = torch.linalg.qr(wt @ (wt.T @ q)).Q
+    return q.T @ wt  # [k, t]
+
+
+def _eigenvalues_of_factor(b: torch.Tensor, rank: int) -> list[complex]:
+    x, y = b[:, :-1], b[:, 1:]
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    u, s, v = u[:, :rank], s[:rank], vh[:rank].T
+    lam = torch.linalg.eigvals(u.T @ y @ v / s)
+    return sorted((complex(z) for z in lam.tolist()), key=lambda z: (round(abs(z), 6), z.imag))
+
+
+def run_randomized(case: RandomizedCase, repeat: int | None) -> list[Row]:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.empty(case.t, case.n)
+    theta = torch.randn(case.n, generator=gen)
+    curvature = torch.rand(case.n, generator=gen) ** 3
+    params = {"theta": theta}
+    rec = kf.TrajectoryRecorder(params, capacity=case.t)
+    for i in range(case.t):
+        rec.record()
+        w[i] = theta
+        theta -= 0.1 * curvature * theta + 1e-3 * torch.randn(case.n, generator=gen)
+    fit = kf.DMD("randomized", rank=case.rank, oversample=case.oversample, power_iters=case.power_iters).fit
+    ours = sorted((complex(z) for z in fit(rec).eigenvalues.tolist()), key=lambda z: (round(abs(z), 6), z.imag))
+    theirs = _eigenvalues_of_factor(textbook_qb(w, case), case.rank)
+    gap = max(abs(a - b) for a, b in zip(ours, theirs))
+    assert len(ours) == len(theirs) and gap < 1e-6, f"randomized DMD eigenvalues differ from the textbook QB by {gap}"
+    buffer = (case.t + 1) * case.n * 4
+    methods = {
+        "koopfast DMD('randomized')": lambda: fit(rec),
+        TEXTBOOK_QB: lambda: textbook_qb(w, case),
+        "koopfast DMD('qr')": lambda: kf.DMD("qr").fit(rec),
+        "koopfast DMD('gram')": lambda: kf.DMD("gram").fit(rec),
+    }
+    rows = []
+    for name, fn in methods.items():
+        t = time_fn(fn, torch.device("cpu"), repeat=repeat or 3)
+        peak = peak_extra_bytes(fn, torch.device("cpu"))
+        rows.append(
+            Row(
+                family="koopman",
+                case=case.name,
+                method=name,
+                n=case.n,
+                device="cpu",
+                median_ms=t.median_s * 1e3,
+                min_ms=t.min_s * 1e3,
+                bytes_moved=case.n * case.t * 4,
+                peak_extra_mb=None if peak is None else peak / 2**20,
+                note="" if peak is None else f"peak extra {peak / buffer:.2f}x the buffer ({buffer / 2**20:.0f} MiB)",
+                extra={"buffer_mb": buffer / 2**20, "eigenvalue_gap_vs_textbook": gap},
+            )
+        )
+    return fill_ratios(rows, TEXTBOOK_QB)
+
+
 def run(device: torch.device, *, quick: bool = False, repeat: int | None = None) -> list[Row]:
     kmp = KmpCase(n=2 * 10**5, t=32) if quick else KmpCase(n=2 * 10**6, t=64)
     record = RecordCase(n=10**6) if quick else RecordCase(n=10**7)
-    return run_kmp(kmp, repeat) + run_record(record, device, repeat)
+    randomized = RandomizedCase(n=10**6) if quick else RandomizedCase(n=11_689_512)  # ResNet-18's parameters
+    return run_kmp(kmp, repeat) + run_record(record, device, repeat) + run_randomized(randomized, repeat)
+
+
+def summary(rows: list[Row]) -> str:
+    notes = [f"  {r.method}: {r.note}" for r in rows if r.case.startswith("randomized") and r.note]
+    return "randomized DMD memory:\n" + "\n".join(notes) if notes else ""
