@@ -46,6 +46,13 @@ Method = Literal["gram", "qr", "randomized"]
 Debias = Literal["none", "forward_backward"]
 
 _TSQR_CHUNK = 1 << 16
+
+
+def _chunk(rec: TrajectoryRecorder) -> int:
+    """Columns per block of a pass over W: at most 64K, and at most 1/16 of N (not below 4K), so
+    that the pass's working memory (a few float64 copies of a block) stays well below the
+    snapshot buffer for small models too."""
+    return min(_TSQR_CHUNK, max(1 << 12, rec.numel // 16))
 _RANGE_RTOL = 1e-13  # randomized range finder: directions of Z below this × its largest are rounding
 _AUTO_RTOL_FACTOR = 1.0
 
@@ -129,7 +136,7 @@ class DMD:
     def _factor_qr(self, rec: TrajectoryRecorder) -> Tensor:
         t = len(rec)
         r = torch.zeros(0, t, dtype=torch.float64, device=rec.device)
-        for block in rec.blocks(_TSQR_CHUNK):
+        for block in rec.blocks(_chunk(rec)):
             r = torch.linalg.qr(torch.cat([r, block.T]), mode="r").R
         return _stacked_r(r.cpu(), rec.layout)
 
@@ -313,7 +320,7 @@ def _range_pass(rec: TrajectoryRecorder, coeffs: Tensor) -> tuple[Tensor, Tensor
     k = c_t.shape[0]
     r = torch.zeros(k, 0, dtype=torch.float64, device=rec.device)  # Rᵀ so far: [k, ≤ k]
     s = torch.zeros(k, c_t.shape[1], dtype=torch.float64, device=rec.device)
-    for block in rec.blocks(_TSQR_CHUNK):
+    for block in rec.blocks(_chunk(rec)):
         z_t = c_t @ block  # [k, n]: this block's rows of W C, transposed
         # QR of the column-major [rows, k] stack of R and the block's rows (LAPACK's fast layout)
         r = torch.linalg.qr(torch.cat([r, z_t], dim=1).T, mode="r").R.T
