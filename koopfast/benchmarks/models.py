@@ -43,11 +43,13 @@ def llama(
     return t.LlamaForCausalLM(cfg)
 
 
-def vit(*, layers: int = 2, width: int = 32, heads: int = 4, image: int = 16, patch: int = 4, labels: int = 10):
+def vit(
+    *, layers: int = 2, width: int = 32, heads: int = 4, image: int = 16, patch: int = 4, labels: int = 10, channels=3
+) -> nn.Module:
     t = _transformers()
     cfg = t.ViTConfig(
         num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads, intermediate_size=width * 3 // 2,
-        image_size=image, patch_size=patch, num_labels=labels,
+        image_size=image, patch_size=patch, num_labels=labels, num_channels=channels,
     )
     return t.ViTForImageClassification(cfg)
 
