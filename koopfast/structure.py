@@ -315,17 +315,20 @@ class UnitImportance:
 
 def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
     """``{projection: heads}`` for the attention layers of Hugging Face-style models (modules with
-    ``q_proj``/``k_proj``/``v_proj`` linear children and a ``num_attention_heads``/``num_heads``
-    attribute, ``num_key_value_heads`` for grouped-query attention), as Torch-Pruning's
-    ``num_heads`` argument wants it."""
+    ``q_proj``/``k_proj``/``v_proj`` or ``query``/``key``/``value`` linear children and a
+    ``num_attention_heads``/``num_heads`` attribute, ``num_key_value_heads`` for grouped-query
+    attention), as Torch-Pruning's ``num_heads`` argument wants it."""
     out: dict[nn.Module, int] = {}
     for module in model.modules():
-        q, k, v = (getattr(module, f"{x}_proj", None) for x in "qkv")
         heads = getattr(module, "num_attention_heads", getattr(module, "num_heads", None))
-        if not all(isinstance(x, nn.Linear) for x in (q, k, v)) or not isinstance(heads, int):
+        if not isinstance(heads, int):
             continue
-        kv = getattr(module, "num_key_value_heads", heads)
-        out[q], out[k], out[v] = heads, kv, kv
+        for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value")):
+            q, k, v = (getattr(module, n, None) for n in names)
+            if all(isinstance(x, nn.Linear) for x in (q, k, v)):
+                kv = getattr(module, "num_key_value_heads", heads)
+                out[q], out[k], out[v] = heads, kv, kv
+                break
     return out
 
 

@@ -103,3 +103,20 @@ def test_unit_importance_and_errors():
         kf.structure.coupled_masks(model, case.inputs(case.batches(1)[0]), {"x": torch.ones(1)}, 0.5, reduction="l3")
     with pytest.raises(ValueError, match=r"prune_channels: expected sparsity in \[0, 1\), got 1.5"):
         kf.structure.prune_channels(model, case.inputs(case.batches(1)[0]), {}, 1.5)
+
+
+def test_bert_loses_heads_through_its_query_key_value_projections():
+    case = CASES["bert"]
+    model = case.model()
+    x = case.inputs(case.batches(1)[0])
+    heads = kf.structure.attention_heads(model)  # BertSelfAttention's query / key / value
+    assert len(heads) == 6 and set(heads.values()) == {4}
+    scores = kf.criteria.magnitude(model, granularity="filter")
+    assert "bert.embeddings.word_embeddings.weight" not in scores  # the decoder is the tied table: unscored
+    result = kf.structure.prune_channels(
+        model, x, scores, 0.5, ignored_layers=[model.cls.predictions.decoder],
+        output_transform=lambda o: o.logits.sum(),
+        num_heads=heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=0.5,
+    )
+    assert result.params_after < 0.5 * result.params_before
+    assert model(**x).logits.shape == (4, 12, 48)
