@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from koopfast.masks.topk import global_topk, layerwise_topk
-from koopfast.prunable import ALONG_DIM_0, Units, aliases, units_of
+from koopfast.prunable import ALONG_DIM_0, Units, aliases, is_hf_conv1d, units_of
 
 __all__ = [
     "ChannelGroup",
@@ -87,10 +87,21 @@ class ChannelGroup:
     members: tuple[GroupMember, ...]
 
 
-def _trace(model, example_inputs, ignored_layers, output_transform, forward_fn, fn):
-    tp = _torch_pruning(fn)
+def _check_traceable(model, fn: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: expected model to be an nn.Module, got {type(model).__name__}")
+    conv1d = [n for n, m in model.named_modules() if is_hf_conv1d(m)]
+    if conv1d:
+        raise ValueError(
+            f"{fn}: expected layers Torch-Pruning's dependency graph knows, got Hugging Face Conv1D layers "
+            f"({conv1d[0]!r} and {len(conv1d) - 1} more, as in GPT-2), which it cannot prune; "
+            "kf.masks.structured_topk masks their output units"
+        )
+
+
+def _trace(model, example_inputs, ignored_layers, output_transform, forward_fn, fn):
+    tp = _torch_pruning(fn)
+    _check_traceable(model, fn)
     graph = tp.DependencyGraph().build_dependency(
         model, example_inputs=example_inputs, output_transform=output_transform, forward_fn=forward_fn
     )
@@ -373,6 +384,7 @@ def prune_channels(
     tp = _torch_pruning(fn)
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"{fn}: expected sparsity in [0, 1), got {sparsity!r}")
+    _check_traceable(model, fn)
     importance = UnitImportance(unit_scores, model, reduction=reduction, normalize=normalize)
     before_units = {n: _out_units(m) for n, m in model.named_modules() if _out_units(m) is not None}
     before = sum(p.numel() for p in model.parameters())

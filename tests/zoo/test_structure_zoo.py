@@ -103,6 +103,12 @@ def test_unit_importance_and_errors():
         kf.structure.coupled_masks(model, case.inputs(case.batches(1)[0]), {"x": torch.ones(1)}, 0.5, reduction="l3")
     with pytest.raises(ValueError, match=r"prune_channels: expected sparsity in \[0, 1\), got 1.5"):
         kf.structure.prune_channels(model, case.inputs(case.batches(1)[0]), {}, 1.5)
+    gpt2, ids = CASES["gpt2"].model(), CASES["gpt2"].inputs(CASES["gpt2"].batches(1)[0])
+    unknown = r"got Hugging Face Conv1D layers \('transformer.h.0.attn.c_attn' and 7 more"
+    with pytest.raises(ValueError, match=rf"channel_groups: expected layers .* {unknown}"):
+        kf.structure.channel_groups(gpt2, ids)
+    with pytest.raises(ValueError, match=rf"prune_channels: expected layers .* {unknown}"):
+        kf.structure.prune_channels(gpt2, ids, {}, 0.5)
 
 
 def test_bert_loses_heads_through_its_query_key_value_projections():
