@@ -49,10 +49,10 @@ _TSQR_CHUNK = 1 << 16
 
 
 def _chunk(rec: TrajectoryRecorder) -> int:
-    """Columns per block of a pass over W: at most 64K, and at most 1/16 of N (not below 4K), so
+    """Columns per block of a pass over W: at most 64K, and at most 1/64 of N (not below 4K), so
     that the pass's working memory (a few float64 copies of a block) stays well below the
     snapshot buffer for small models too."""
-    return min(_TSQR_CHUNK, max(1 << 12, rec.numel // 16))
+    return min(_TSQR_CHUNK, max(1 << 12, rec.numel // 64))
 _RANGE_RTOL = 1e-13  # randomized range finder: directions of Z below this × its largest are rounding
 _AUTO_RTOL_FACTOR = 1.0
 

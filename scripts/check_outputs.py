@@ -22,7 +22,8 @@ def main(demo: Path, bench: Path) -> None:
         png(demo / name)
     rows = json.loads((bench / "results.json").read_text())["rows"]
     families = {r["family"].split("/")[0] for r in rows}  # masks/apply, masks/global, ...
-    assert {"select", "masks", "koopman", "gradflow", "codes", "distributed"} <= families, f"bench families: {families}"
+    expected = {"select", "masks", "koopman", "gradflow", "hvp", "codes", "distributed"}
+    assert expected <= families, f"bench families: {families}"
     assert all(r["median_ms"] > 0 for r in rows)
     png(bench / "speedups.png")
     print(f"check_outputs: demo ({len(results['pruning'])} pruning runs) and bench ({len(rows)} rows) outputs are fine")
