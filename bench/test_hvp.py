@@ -21,18 +21,18 @@ BOUNDS = {hvp.EXACT: 1e-5, hvp.TORCH_FUNC: 1e-5, hvp.FD_AUTO: 5e-2}
 @functools.lru_cache(maxsize=1)
 def prepared(quick: bool):
     case = hvp.cases(quick)[0]
-    model, batches, loss = hvp._build(case)
-    reference_model, _, _ = hvp._build(case)
+    model, batches, loss = hvp.build(case)
+    reference_model, _, _ = hvp.build(case)
     reference_model.double()
-    reference = hvp._flat(kf.criteria.gradient_flow(reference_model.double(), loss, batches, hvp="exact").hg)
+    reference = hvp.flat(kf.criteria.gradient_flow(reference_model.double(), loss, batches, hvp="exact").hg)
     params = {n: e.tensor for n, e in kf.prunable.prunable(model).items()}
     methods = {
         hvp.EXACT: lambda: kf.criteria.gradient_flow(model, loss, batches, hvp="exact").hg,
         hvp.FD_AUTO: lambda: kf.criteria.gradient_flow(model, loss, batches, hvp="finite_difference").hg,
-        hvp.TORCH_FUNC: lambda: hvp._torch_func_hg(model, batches, loss, params),
+        hvp.TORCH_FUNC: lambda: hvp.torch_func_hg(model, batches, loss, params),
     }
     for name, fn in methods.items():
-        error = float((hvp._flat(fn()) - reference).norm() / reference.norm())
+        error = float((hvp.flat(fn()) - reference).norm() / reference.norm())
         assert math.isfinite(error) and error < BOUNDS[name], (name, error)
     return case, methods
 

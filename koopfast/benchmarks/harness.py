@@ -131,6 +131,39 @@ def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
     return max(peak, 0) * 1024
 
 
+def measure(
+    fn: Callable[[], Any],
+    *,
+    family: str,
+    case: str,
+    method: str,
+    n: int,
+    device: torch.device,
+    bytes_moved: int = 0,
+    repeat: int = 5,
+    warmup: int = 1,
+    note: str | Callable[[int | None], str] = "",
+    extra: dict[str, Any] | None = None,
+) -> Row:
+    """One Row: fn's median and minimum time (:func:`time_fn`) and its peak extra memory
+    (:func:`peak_extra_bytes`). ``note`` may be a function of the peak bytes (None if unknown)."""
+    t = time_fn(fn, device, repeat=repeat, warmup=warmup)
+    peak = peak_extra_bytes(fn, device)
+    return Row(
+        family=family,
+        case=case,
+        method=method,
+        n=n,
+        device=device.type,
+        median_ms=t.median_s * 1e3,
+        min_ms=t.min_s * 1e3,
+        bytes_moved=bytes_moved,
+        peak_extra_mb=None if peak is None else peak / 2**20,
+        note=note(peak) if callable(note) else note,
+        extra=dict(extra or {}),
+    )
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"

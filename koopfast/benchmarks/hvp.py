@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import koopfast as kf
 from koopfast.benchmarks import models
-from koopfast.benchmarks.harness import Row, fill_ratios, peak_extra_bytes, time_fn
+from koopfast.benchmarks.harness import Row, fill_ratios, measure
 from koopfast.criteria.gradflow import FD_TOLERANCE
 
 EXACT = "koopfast hvp='exact' (double backward)"
@@ -45,7 +45,7 @@ class HvpCase:
         return f"Hg {self.model} {self.layers}x{self.width}, {self.batches} batches of {self.batch_size}"
 
 
-def _build(case: HvpCase):
+def build(case: HvpCase):
     """(model, batches, loss_fn) for a case."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
@@ -79,11 +79,11 @@ def _build(case: HvpCase):
     return model.eval(), batches, loss
 
 
-def _flat(d: dict[str, torch.Tensor]) -> torch.Tensor:
+def flat(d: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1).double() for t in d.values()])
 
 
-def _torch_func_hg(model, batches, loss_fn, params: dict[str, torch.Tensor]):
+def torch_func_hg(model, batches, loss_fn, params: dict[str, torch.Tensor]):
     """H ḡ the torch.func way: ḡ by backward over all batches, then jvp(grad) batch by batch."""
     mean_loss = sum(loss_fn(model, b) for b in batches) / len(batches)
     g = dict(zip(params, torch.autograd.grad(mean_loss, list(params.values()))))
@@ -112,16 +112,16 @@ class _Call:
 
 
 def run_case(case: HvpCase, repeat: int | None) -> list[Row]:
-    model, batches, loss = _build(case)
+    model, batches, loss = build(case)
     params = {n: e.tensor for n, e in kf.prunable.prunable(model).items()}
     n = sum(p.numel() for p in params.values())
-    reference_model, _, _ = _build(case)
+    reference_model, _, _ = build(case)
     reference_model.double()
     ref_batches = [
         b if isinstance(b, torch.Tensor) else tuple(x.double() if x.is_floating_point() else x for x in b)
         for b in batches
     ]
-    reference = _flat(kf.criteria.gradient_flow(reference_model, loss, ref_batches, hvp="exact").hg)
+    reference = flat(kf.criteria.gradient_flow(reference_model, loss, ref_batches, hvp="exact").hg)
     # the self-check's choice; with the default fd_tol a refused case raises, so time it without one
     auto = kf.criteria.gradient_flow(model, loss, batches, hvp="finite_difference", fd_tol=math.inf)
     refused = auto.fd_error > FD_TOLERANCE
@@ -133,31 +133,20 @@ def run_case(case: HvpCase, repeat: int | None) -> list[Row]:
         FD_GIVEN: lambda: kf.criteria.gradient_flow(
             model, loss, batches, hvp="finite_difference", fd_step=auto.fd_step
         ).hg,
-        TORCH_FUNC: lambda: _torch_func_hg(model, batches, loss, params),
+        TORCH_FUNC: lambda: torch_func_hg(model, batches, loss, params),
     }
     rows = []
     for name, fn in methods.items():
-        error = float((_flat(fn()) - reference).norm() / reference.norm())
-        t = time_fn(fn, torch.device("cpu"), repeat=repeat or 3)
-        peak = peak_extra_bytes(fn, torch.device("cpu"))
+        error = float((flat(fn()) - reference).norm() / reference.norm())
         note = f"relative error {error:.1e} vs float64 exact"
         if name == FD_AUTO:
             note += f"; self-check estimate {auto.fd_error:.1e}, step {auto.fd_step:.2g}"
             if refused:
                 note += f" (above fd_tol={FD_TOLERANCE:g}: gradient_flow raises by default)"
         rows.append(
-            Row(
-                family="hvp",
-                case=case.name,
-                method=name,
-                n=n,
-                device="cpu",
-                median_ms=t.median_s * 1e3,
-                min_ms=t.min_s * 1e3,
-                bytes_moved=0,
-                peak_extra_mb=None if peak is None else peak / 2**20,
-                note=note,
-                extra={"relative_error": error},
+            measure(
+                fn, family="hvp", case=case.name, method=name, n=n, device=torch.device("cpu"),
+                repeat=repeat or 3, note=note, extra={"relative_error": error},
             )
         )
     return fill_ratios(rows, EXACT)

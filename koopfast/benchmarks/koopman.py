@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import koopfast as kf
-from koopfast.benchmarks.harness import Row, fill_ratios, peak_extra_bytes, time_fn
+from koopfast.benchmarks.harness import Row, fill_ratios, measure
 
 AUTHORS = "authors' exact DMD (NumPy SVD, float64)"
 PYDMD = "PyDMD DMD(exact=True)"
@@ -116,19 +116,10 @@ def run_kmp(case: KmpCase, repeat: int | None) -> list[Row]:
         overlap = float((mask & reference).sum()) / float(reference.sum())
         assert overlap >= 0.9999, f"{name}: mask overlap {overlap} with koopfast's"
         slow = name in (AUTHORS, PYDMD)
-        t = time_fn(fn, torch.device("cpu"), repeat=repeat or (2 if slow else 5), warmup=0 if slow else 1)
-        peak = peak_extra_bytes(fn, torch.device("cpu"))
         rows.append(
-            Row(
-                family="koopman",
-                case=case.name,
-                method=name,
-                n=case.n,
-                device="cpu",
-                median_ms=t.median_s * 1e3,
-                min_ms=t.min_s * 1e3,
-                bytes_moved=case.n * case.t * 4,
-                peak_extra_mb=None if peak is None else peak / 2**20,
+            measure(
+                fn, family="koopman", case=case.name, method=name, n=case.n, device=torch.device("cpu"),
+                bytes_moved=case.n * case.t * 4, repeat=repeat or (2 if slow else 5), warmup=0 if slow else 1,
                 note=f"10% mask overlap with koopfast: {overlap:.5f}",
             )
         )
@@ -161,19 +152,10 @@ def run_record(case: RecordCase, device: torch.device, repeat: int | None) -> li
     rows = []
     moved = (case.stored + 2) * case.n * 4  # stored rows + parameters read, one row written
     for name, fn in {"koopfast record()": rec.record, TORCH_RECORD: torch_way}.items():
-        t = time_fn(fn, device, repeat=repeat or 7)
-        peak = peak_extra_bytes(fn, device)
         rows.append(
-            Row(
-                family="koopman",
-                case=case.name,
-                method=name,
-                n=case.n,
-                device=device.type,
-                median_ms=t.median_s * 1e3,
-                min_ms=t.min_s * 1e3,
-                bytes_moved=moved,
-                peak_extra_mb=None if peak is None else peak / 2**20,
+            measure(
+                fn, family="koopman", case=case.name, method=name, n=case.n, device=device, bytes_moved=moved,
+                repeat=repeat or 7,
             )
         )
     return fill_ratios(rows, TORCH_RECORD)
@@ -241,25 +223,17 @@ def randomized_methods(case: RandomizedCase) -> tuple[dict[str, Callable], int]:
 
 def run_randomized(case: RandomizedCase, repeat: int | None) -> list[Row]:
     methods, buffer = randomized_methods(case)
-    rows = []
-    for name, fn in methods.items():
-        t = time_fn(fn, torch.device("cpu"), repeat=repeat or 3)
-        peak = peak_extra_bytes(fn, torch.device("cpu"))
-        rows.append(
-            Row(
-                family="koopman",
-                case=case.name,
-                method=name,
-                n=case.n,
-                device="cpu",
-                median_ms=t.median_s * 1e3,
-                min_ms=t.min_s * 1e3,
-                bytes_moved=case.n * case.t * 4,
-                peak_extra_mb=None if peak is None else peak / 2**20,
-                note="" if peak is None else f"peak extra {peak / buffer:.2f}x the buffer ({buffer / 2**20:.0f} MiB)",
-                extra={"buffer_mb": buffer / 2**20},
-            )
+
+    def note(peak: int | None) -> str:
+        return "" if peak is None else f"peak extra {peak / buffer:.2f}x the buffer ({buffer / 2**20:.0f} MiB)"
+
+    rows = [
+        measure(
+            fn, family="koopman", case=case.name, method=name, n=case.n, device=torch.device("cpu"),
+            bytes_moved=case.n * case.t * 4, repeat=repeat or 3, note=note, extra={"buffer_mb": buffer / 2**20},
         )
+        for name, fn in methods.items()
+    ]
     return fill_ratios(rows, TEXTBOOK_QB)
 
 
