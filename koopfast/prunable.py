@@ -30,7 +30,10 @@ follows the units of its weight (``Prunable.bias`` names it).
 
 With a dict of named tensors instead of a model, every tensor is taken as given, units are along
 dim 0 (for tensors of 2+ dimensions; a 1-D tensor is its own units) and ``<prefix>.bias`` is the
-bias of ``<prefix>.weight``.
+bias of ``<prefix>.weight``. Wherever koopfast takes a model's tensors (criteria, the recorder,
+``gradient_flow(params=...)``), it also takes the result of :func:`prunable` itself, units
+included: ``kf.criteria.magnitude(kf.prunable.prunable(model, embeddings=True))`` opts in to the
+embeddings.
 """
 
 from __future__ import annotations
@@ -288,6 +291,8 @@ def entries(source: ParamSource, *, fn: str, include_bias: bool = True) -> dict[
                 f"{type(source).__name__} without any (pass a dict of named tensors to choose them yourself)"
             )
         return out
+    if isinstance(source, Mapping) and source and all(isinstance(v, Prunable) for v in source.values()):
+        return dict(source)  # prunable(model, ...)'s entries: their units and bias links as they are
     if isinstance(source, Mapping):
         given = dict(source)
     else:

@@ -145,7 +145,7 @@ class SplineScores(dict):
         zeroed unit into a constant, nonzero output)."""
         order = {name: r.to(torch.float64) for name, r in self.ranks.items()}  # removed later = kept
         scope = "layerwise" if self.policy == "layerwise" else "global"
-        masks = structured_topk(order, model, sparsity, scope=scope)
+        masks = structured_topk(order, model, sparsity, scope=scope, warn_normalization=False)  # masked below
         named = dict(model.named_parameters())
         for name, bn in self.bn_names.items():
             if bn is None:

@@ -8,6 +8,7 @@ the same layer.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Literal
 
@@ -99,6 +100,7 @@ def structured_topk(
     keep: int | None = None,
     scope: Literal["global", "layerwise"] = "global",
     include_bias: bool = True,
+    warn_normalization: bool = True,
 ) -> dict[str, Tensor]:
     """Masks that keep or prune whole output units, chosen from per-unit scores (higher = keep).
 
@@ -126,6 +128,8 @@ def structured_topk(
         keep: number of units to keep overall ("global" only), instead of ``sparsity``.
         scope: "global" or "layerwise".
         include_bias: also return the mask of each scored weight's bias, when it has one.
+        warn_normalization: warn (UserWarning) when the model has BatchNorm layers of a scored
+            layer's width, whose channels these masks leave unmasked (see above).
 
     Returns:
         ``dict[name, bool Tensor]``: for each scored weight a mask of its shape (contiguous, on
@@ -154,6 +158,8 @@ def structured_topk(
                 f"{fn}: expected {layer.name!r} to hold one score per output unit, shape [{layer.units}], "
                 f"got shape {list(s.shape)}"
             )
+    if isinstance(model_or_params, nn.Module) and warn_normalization:
+        _warn_about_normalization(model_or_params, layers, fn)
     unit_masks = _select_units({layer.name: scores[layer.name] for layer in layers}, sparsity, keep, scope, fn)
     out: dict[str, Tensor] = {}
     with torch.no_grad():
@@ -163,6 +169,22 @@ def structured_topk(
             if include_bias and layer.bias_name is not None and layer.bias.shape == (layer.units,):
                 out[layer.bias_name] = unit_mask.clone()
     return out
+
+
+def _warn_about_normalization(model: nn.Module, layers: list[_Layer], fn: str) -> None:
+    widths = {layer.units for layer in layers}
+    batchnorm = nn.modules.batchnorm._BatchNorm
+    bns = [n for n, m in model.named_modules() if isinstance(m, batchnorm) and m.num_features in widths]
+    if bns:
+        warnings.warn(
+            f"{fn}: these masks choose each layer's units on its own and leave the model's BatchNorm layers "
+            f"({bns[0]!r} and {len(bns) - 1} more) unmasked: in eval mode a BatchNorm after a pruned unit still "
+            "outputs its shift, and layers added by a residual connection may keep different channels. "
+            "koopfast.structure.coupled_masks(model, example_inputs, scores, sparsity) masks coupled channel "
+            "groups and their normalization layers (warn_normalization=False silences this)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _select_units(unit_scores: dict[str, Tensor], sparsity, keep, scope: str, fn: str) -> dict[str, Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -123,3 +125,22 @@ def test_errors():
         kf.masks.structured_topk(dict(scores, **{"0.weight": torch.arange(8)}), model, 0.5)
     with pytest.raises(ValueError, match=rf"{fn}: expected sparsity keys among the score names, got unknown \['y'\]"):
         kf.masks.structured_topk(scores, model, {"y": 0.5}, scope="layerwise")
+
+
+def test_models_with_batchnorm_get_a_warning_that_points_to_coupled_masks():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    scores = {"0.weight": torch.rand(4)}
+    with pytest.warns(UserWarning, match=r"structured_topk: .* BatchNorm layers \('1' and 0 more\) unmasked.*coupled"):
+        kf.masks.structured_topk(scores, model, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kf.masks.structured_topk(scores, model, 0.5, warn_normalization=False)
+        kf.masks.structured_topk(unit_scores("cpu"), make_model(), 0.5)  # no BatchNorm: no warning
+
+
+def test_units_of_prunable_entries_are_kept_when_they_are_passed_in_place_of_a_model():
+    model = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 3))
+    entries = kf.prunable.prunable(model, embeddings=True)
+    per_unit = kf.criteria.magnitude(entries, granularity="filter")
+    assert per_unit["0.weight"].shape == (6,)  # an embedding's units are its features (columns)
+    assert kf.criteria.magnitude(dict(model.named_parameters()), granularity="filter")["0.weight"].shape == (10,)
