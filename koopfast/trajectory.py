@@ -357,7 +357,7 @@ class TrajectoryRecorder:
         return anchor, None
 
     def _check_unchanged(self) -> None:
-        if self._model is not None:
+        if self._model is not None and not self._same_parameter_objects():
             current = named_tensors(self._model, fn=f"{_FN}.record")
             if tuple(current) != self.names:
                 raise ValueError(
@@ -375,6 +375,19 @@ class TrajectoryRecorder:
                 raise ValueError(f"{_FN}.record: parameter {name!r} changed dtype from {dtype} to {p.dtype}")
             if p.device != self._param_device:
                 raise ValueError(f"{_FN}.record: parameter {name!r} moved from {self._param_device} to {p.device}")
+
+    def _same_parameter_objects(self) -> bool:
+        """Whether every recorded name still holds the very tensor recorded so far: then the model's
+        choice of tensors is not read again (a walk over every module, milliseconds per step for
+        a transformer); a replaced parameter (``load_state_dict(assign=True)``, ``to_empty()``)
+        makes the next record() read it."""
+        modules = dict(self._model.named_modules())
+        for name, param in self._params.items():
+            prefix, _, attr = name.rpartition(".")
+            module = modules.get(prefix)
+            if module is None or getattr(module, attr, None) is not param:
+                return False
+        return True
 
     def _flat_params(self) -> Tensor:
         return torch.cat([kd.local(p.detach()).reshape(-1).to(torch.float32) for p in self._params.values()])

@@ -269,3 +269,17 @@ def test_reference_stored_values_match_the_kernel():
     snaps = torch.zeros(2, 19, dtype=torch.bfloat16)
     kf.ops.trajectory_ingest(params, snaps, 0, [], None)
     assert torch.equal(snaps[0], reference.stored_values(params, torch.bfloat16, None))
+
+
+def test_a_parameter_replaced_in_the_model_is_recorded_from_then_on():
+    net = model()
+    rec = kf.TrajectoryRecorder(net, capacity=4)
+    rec.record()
+    fresh = torch.nn.Parameter(torch.full_like(net[0].weight, 3.0))
+    net[0].weight = fresh  # as load_state_dict(assign=True) does
+    rec.record()
+    assert torch.equal(rec.snapshot(-1)["0.weight"], fresh.detach())
+    net[0] = torch.nn.Linear(net[0].in_features, net[0].out_features + 1)  # a layer of another shape
+    with pytest.raises(ValueError, match=r"record: parameter '0.weight' changed shape"):
+        rec.record()
+    assert len(rec) == 2
