@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from koopfast import cli
+import koopfast
+from koopfast import cli, demo, plots
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
@@ -38,8 +40,20 @@ def test_demo_writes_results_and_plots(tmp_path, capsys):
         if not row["structured"]:
             assert abs(row["weights_kept"] - (1 - row["sparsity"])) < 1e-3
     assert len(results["mask_overlap"]["matrix"]) == 6
+    assert "chance 0.10" in printed and f"on {results['test_samples']} held-out digits" in printed
+    assert "spline redundancy is not in the matrix" in printed and "residual ‖Yv − λXv‖/‖Xv‖" in printed
+    koopman = results["koopman"]
+    assert len(koopman["residuals"]) == len(koopman["eigenvalues"]) == koopman["modes"]
+    assert koopman["eigenvalues"][koopman["nearest"]] == koopman["nearest_to_one"]
+    assert all(len(repr(v)) <= 12 for r in results["pruning"] for v in r.values() if isinstance(v, float))
     for name in ("accuracy_vs_sparsity.png", "koopman_eigenvalues.png", "mask_overlap_over_training.png"):
         assert_png(out / name)
+    # every number the figures show is in the JSON: they can be drawn again from it alone
+    again = plots.demo_figures(results, tmp_path, demo.LABELS)
+    assert [p.name for p in again] == ["accuracy_vs_sparsity.png", "koopman_eigenvalues.png",
+                                       "mask_overlap_over_training.png"]  # fmt: skip
+    for path in again:
+        assert_png(path)
 
 
 def test_bench_writes_results_and_a_chart(tmp_path, capsys):
@@ -51,6 +65,16 @@ def test_bench_writes_results_and_a_chart(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["device"] and {r["method"] for r in results["rows"]} >= {"koopfast.select_threshold"}
     assert_png(out / "speedups.png")
+
+
+def test_version_and_a_bare_command_print_what_koopfast_is(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"koopfast {koopfast.__version__} (torch {torch.__version__}")
+    assert cli.main([]) == 0
+    printed = capsys.readouterr().out
+    assert "usage: koopfast" in printed and "results.json" in printed and "speedups.png" in printed
 
 
 def test_bad_options_are_reported(capsys):

@@ -206,6 +206,21 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
+def legend(rows: Sequence[Row]) -> str:
+    """What the table's columns mean, with the baseline of each family that ran."""
+    baselines: dict[str, list[str]] = {}
+    for r in rows:
+        family = r.family.split("/")[0]
+        if r.baseline and r.baseline not in baselines.setdefault(family, []):
+            baselines[family].append(r.baseline)
+    per_family = "; ".join(f"{family}: {', '.join(b) or 'none'}" for family, b in baselines.items())
+    return (
+        f"vs baseline: the baseline's time / the method's time (baselines: {per_family}). GB/s: bytes that must move "
+        "/ median time; % stream: of a plain streaming read of the same data. Peak extra: memory beyond the inputs, "
+        "outputs included."
+    )
+
+
 def fill_ratios(rows: list[Row], baseline_method: str, stream_method: str | None = None) -> list[Row]:
     """Set ratio (baseline time / time) and stream_fraction for rows sharing a case."""
     by_case: dict[str, list[Row]] = {}
