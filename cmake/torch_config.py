@@ -2,7 +2,7 @@
 
 Run by CMakeLists.txt with the Python interpreter that builds koopfast. find_package(Torch) is not
 used: with a CUDA torch it demands a full CUDA toolkit even for a CPU-only build and resets
-CMAKE_CUDA_ARCHITECTURES (see ../shared/docs/build.md, item 4).
+CMAKE_CUDA_ARCHITECTURES (see docs/build.md, item 4).
 """
 
 import os

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -14,10 +16,29 @@ _REBUILD = (
 )
 
 
+def _installed_elsewhere() -> Path | None:
+    """Where an installed koopfast lives, if that is not the package being imported (a source
+    checkout on sys.path before the installed package shadows it)."""
+    here = Path(__file__).resolve().parent
+    try:
+        installed = Path(importlib.metadata.distribution("koopfast").locate_file("koopfast")).resolve()
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return installed if installed != here and (installed / "_build_config.py").exists() else None
+
+
 def load_extension() -> ModuleType:
     try:
         config = importlib.import_module("koopfast._build_config")
     except ImportError as exc:
+        elsewhere = _installed_elsewhere()
+        if elsewhere is not None:
+            raise ImportError(
+                f"koopfast was imported from the source folder {Path(__file__).resolve().parent}, which has no "
+                f"compiled core, instead of the installed koopfast in {elsewhere}: the current directory (or "
+                "PYTHONPATH) puts the checkout first on sys.path. Run Python from another directory, or install "
+                "the checkout editable (`python -m pip install --no-build-isolation -e .`, as `make setup` does)."
+            ) from exc
         raise ImportError(
             "koopfast's compiled core was not found: this koopfast was never built (an import from "
             f"a source tree without an install?). {_REBUILD}"
