@@ -24,7 +24,8 @@ def _installed_elsewhere() -> Path | None:
         installed = Path(importlib.metadata.distribution("koopfast").locate_file("koopfast")).resolve()
     except importlib.metadata.PackageNotFoundError:
         return None
-    return installed if installed != here and (installed / "_build_config.py").exists() else None
+    complete = (installed / "__init__.py").exists() and (installed / "_build_config.py").exists()  # not editable
+    return installed if installed != here and complete else None
 
 
 def load_extension() -> ModuleType:

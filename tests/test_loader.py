@@ -21,6 +21,7 @@ def test_a_source_tree_that_shadows_an_installed_koopfast_is_named(tmp_path, mon
     installed = tmp_path / "site-packages"
     (installed / "koopfast").mkdir(parents=True)
     (installed / "koopfast" / "_build_config.py").write_text("TORCH_VERSION = 'x'\n")
+    (installed / "koopfast" / "__init__.py").write_text("")
     real_import = importlib.import_module
 
     def import_module(name, *args):
