@@ -46,6 +46,7 @@ Method = Literal["gram", "qr", "randomized"]
 Debias = Literal["none", "forward_backward"]
 
 _TSQR_CHUNK = 1 << 16
+_ALL_ZERO = "expected snapshots that are not all zero, got a trajectory of zeros only"
 
 
 def _chunk(rec: TrajectoryRecorder) -> int:
@@ -262,7 +263,9 @@ def _exact_dmd(factor: Tensor, *, rank: int | None, rtol: float, debias: str) ->
     t = f.shape[1]
     x, y = f[:, :-1], f[:, 1:]
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    r = int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
+    if s.numel() == 0 or not s[0] > 0:
+        raise ValueError(f"{_FN}.fit: {_ALL_ZERO}")
+    r = int((s > rtol * s[0]).sum())
     if rank is not None:
         r = min(r, rank)
     if r == 0:
@@ -343,7 +346,7 @@ def _orthonormalizer(r: Tensor) -> Tensor:
     _, sigma, vh = torch.linalg.svd(r, full_matrices=False)
     keep = sigma > _RANGE_RTOL * sigma[0] if sigma.numel() and sigma[0] > 0 else sigma > 0
     if not bool(keep.any()):
-        raise ValueError(f"{_FN}.fit: the trajectory's snapshots are all zero: no range to find")
+        raise ValueError(f"{_FN}.fit: {_ALL_ZERO}")
     return vh[keep].T / sigma[keep]
 
 

@@ -37,6 +37,46 @@ def _compute_dtype(a: Sequence[Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in a) else torch.float32
 
 
+# ---- the checks every op shares, before the dispatcher -----------------------------------------------
+# The C++ kernels validate their arguments (shapes, dtypes, strides) themselves; two things cannot be
+# checked there: integers beyond int64 (the dispatcher rejects them with "Expected a value of type
+# 'int'") and tensors on several devices one of which is "meta" (the dispatcher then runs the fake
+# kernel, which would return uninitialized tensors or, for in-place ops, do nothing). So the
+# wrappers check integers, and the fake kernels (the path meta tensors take) check devices.
+
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _int64(op: str, arg: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"koopfast::{op}: expected {arg} to be an int, got {type(value).__name__}")
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise ValueError(f"koopfast::{op}: expected {arg} within int64 ({_INT64[0]} .. {_INT64[1]}), got {value}")
+    return value
+
+
+def _int64_list(op: str, arg: str, values: Sequence[int]) -> list[int]:
+    return [_int64(op, f"{arg}[{i}]", v) for i, v in enumerate(values)]
+
+
+def _one_device(op: str, **tensors) -> None:
+    """ValueError when the tensors (lists of them, single ones or None) are on several devices."""
+    first: tuple[torch.device, str] | None = None
+    for arg, value in tensors.items():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for i, t in enumerate(items):
+            if t is None:
+                continue
+            where = f"{arg}[{i}]" if isinstance(value, (list, tuple)) else arg
+            if first is None:
+                first = (t.device, where)
+            elif t.device != first[0]:
+                raise ValueError(
+                    f"koopfast::{op}: expected every tensor on one device, got {first[0]} ({first[1]}) and "
+                    f"{t.device} ({where})"
+                )
+
+
 # ---- threshold selection ---------------------------------------------------------------------------
 
 
@@ -58,12 +98,13 @@ def select_threshold(a: Sequence[Tensor], b: Sequence[Tensor], score: ScoreBy, k
         the threshold, number equal to it, how many of those equal ones the top k keeps, and the
         index of the first tensor holding a NaN score (-1 if none; then the rest is undefined).
     """
-    return torch.ops.koopfast.select_threshold.default(list(a), list(b), score, k)
+    return torch.ops.koopfast.select_threshold.default(list(a), list(b), score, _int64("select_threshold", "k", k))
 
 
 @torch.library.register_fake("koopfast::select_threshold")
 def _select_threshold_fake(a, b, score, k):
     torch._check(len(a) > 0, lambda: "koopfast::select_threshold: expected a to be a non-empty list of tensors")
+    _one_device("select_threshold", a=a, b=b)
     threshold = a[0].new_empty((), dtype=_compute_dtype(a))
     stats = a[0].new_empty((NUM_SELECT_STATS,), dtype=torch.int64)
     return threshold, stats
@@ -83,6 +124,7 @@ def topk_mask(
 
 @torch.library.register_fake("koopfast::topk_mask")
 def _topk_mask_fake(a, b, score, threshold, stats):
+    _one_device("topk_mask", a=a, b=b, threshold=threshold, stats=stats)
     return [torch.empty_like(t, dtype=torch.bool, memory_format=torch.contiguous_format) for t in a]
 
 
@@ -111,11 +153,15 @@ def trajectory_ingest(
         dtype's range): then dots are 0 and row ``slot`` is unspecified (write into a free row;
         other rows are never touched).
     """
-    return torch.ops.koopfast.trajectory_ingest.default(list(params), snapshots, slot, list(dot_slots), anchor)
+    op = "trajectory_ingest"
+    return torch.ops.koopfast.trajectory_ingest.default(
+        list(params), snapshots, _int64(op, "slot", slot), _int64_list(op, "dot_slots", dot_slots), anchor
+    )
 
 
 @torch.library.register_fake("koopfast::trajectory_ingest")
 def _trajectory_ingest_fake(params, snapshots, slot, dot_slots, anchor):
+    _one_device("trajectory_ingest", params=params, snapshots=snapshots, anchor=anchor)
     dots = snapshots.new_empty((len(dot_slots) + 2,), dtype=torch.float64)
     return dots, snapshots.new_empty((1,), dtype=torch.int64)
 
@@ -136,6 +182,7 @@ def trajectory_combine(snapshots: Tensor, coeffs: Tensor, anchor: Tensor | None,
 
 @torch.library.register_fake("koopfast::trajectory_combine")
 def _trajectory_combine_fake(snapshots, coeffs, anchor, wide=False):
+    _one_device("trajectory_combine", snapshots=snapshots, coeffs=coeffs, anchor=anchor)
     if coeffs.is_complex():
         dtype = torch.complex128 if wide else torch.complex64
     else:
@@ -159,6 +206,7 @@ def trajectory_dots(snapshots: Tensor, vectors: Tensor, anchor: Tensor | None) -
 
 @torch.library.register_fake("koopfast::trajectory_dots")
 def _trajectory_dots_fake(snapshots, vectors, anchor):
+    _one_device("trajectory_dots", snapshots=snapshots, vectors=vectors, anchor=anchor)
     rows = snapshots.shape[0] + (1 if anchor is not None else 0)
     return snapshots.new_empty((rows, vectors.shape[0]), dtype=torch.float64)
 
@@ -182,7 +230,7 @@ def sign_codes(x: Tensor, dim: int) -> Tensor:
         ``x[o, u, i] > 0`` with ``j = o * inner + i`` (o over the dims before ``dim``, i over those
         after, row-major), stored in word ``j // 64`` at bit ``j % 64``; bits past the last are 0.
     """
-    return torch.ops.koopfast.sign_codes.default(x, dim)
+    return torch.ops.koopfast.sign_codes.default(x, _int64("sign_codes", "dim", dim))
 
 
 def _bits_per_unit(shape: Sequence, dim: int) -> int:
@@ -220,6 +268,7 @@ def hamming_distance(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
 @torch.library.register_fake("koopfast::hamming_distance")
 def _hamming_distance_fake(a, b):
     torch._check(len(a) > 0, lambda: "koopfast::hamming_distance: expected a to be a non-empty list of code tensors")
+    _one_device("hamming_distance", a=a, b=b)
     return [t.new_empty((t.shape[0],), dtype=torch.int64) for t in a]
 
 
@@ -248,17 +297,19 @@ def pack_masks(masks: Sequence[Tensor]) -> list[Tensor]:
 
 @torch.library.register_fake("koopfast::pack_masks")
 def _pack_masks_fake(masks):
+    _one_device("pack_masks", masks=masks)
     return [m.new_empty(((m.numel() + 7) // 8,), dtype=torch.uint8) for m in masks]
 
 
 def unpack_masks(packed: Sequence[Tensor], numels: Sequence[int]) -> list[Tensor]:
     """Packed masks (1-D uint8 of ``ceil(numels[i] / 8)`` bytes, one device) -> 1-D contiguous
     bool masks of ``numels[i]`` elements on that device (reshape them to the tensors' shapes)."""
-    return torch.ops.koopfast.unpack_masks.default(list(packed), list(numels))
+    return torch.ops.koopfast.unpack_masks.default(list(packed), _int64_list("unpack_masks", "numels", numels))
 
 
 @torch.library.register_fake("koopfast::unpack_masks")
 def _unpack_masks_fake(packed, numels):
+    _one_device("unpack_masks", packed=packed)
     return [p.new_empty((n,), dtype=torch.bool) for p, n in zip(packed, numels)]
 
 
@@ -268,11 +319,12 @@ def count_masks(masks: Sequence[Tensor], numels: Sequence[int]) -> Tensor:
     ``masks[i]`` is bool with ``numels[i]`` elements (any shape and strides), or packed (1-D
     uint8 of ``ceil(numels[i] / 8)`` bytes; bits past ``numels[i]`` are ignored).
     """
-    return torch.ops.koopfast.count_masks.default(list(masks), list(numels))
+    return torch.ops.koopfast.count_masks.default(list(masks), _int64_list("count_masks", "numels", numels))
 
 
 @torch.library.register_fake("koopfast::count_masks")
 def _count_masks_fake(masks, numels):
+    _one_device("count_masks", masks=masks)
     if not masks:
         return torch.empty((0,), dtype=torch.int64)
     return masks[0].new_empty((len(masks),), dtype=torch.int64)
@@ -292,9 +344,11 @@ def apply_masks(targets: Sequence[Tensor], masks: Sequence[Tensor], mask_index: 
             targets (a parameter, its gradient and its optimizer states).
         mask_index: for each target, the index of its mask in ``masks``.
     """
-    torch.ops.koopfast.apply_masks.default(list(targets), list(masks), list(mask_index))
+    index = _int64_list("apply_masks", "mask_index", mask_index)
+    torch.ops.koopfast.apply_masks.default(list(targets), list(masks), index)
 
 
 @torch.library.register_fake("koopfast::apply_masks")
 def _apply_masks_fake(targets, masks, mask_index):
+    _one_device("apply_masks", targets=targets, masks=masks)
     return None

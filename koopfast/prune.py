@@ -30,7 +30,13 @@ Documented differences from torch.nn.utils.prune:
   raises ValueError (torch: TypeError) for tensors on several devices. The ``mask`` attribute of
   its ``CustomFromMask`` hooks is the ``<name>_mask`` buffer itself, not a slice of one
   concatenated float vector (torch keeps that vector alive as well).
-- non-floating importance scores raise TypeError.
+- integer importance scores are ranked in float64 (exact below 2^53, as torch ranks them);
+  bool and complex scores raise TypeError (torch.abs rejects them too); ``LnStructured`` needs
+  floating-point scores, as torch's norm does.
+- a (module, name) pair listed twice counts twice in the budget and its masks compose, as in torch.
+- the pruning-method objects (``L1Unstructured``, ``LnStructured``) work on their own
+  (``compute_mask``, ``prune``) and pickle as torch's classes: a model pruned here loads where
+  koopfast is not installed.
 - other pruning methods given to :func:`global_unstructured` (``RandomUnstructured``, custom
   ones) run torch's own implementation.
 """
@@ -96,31 +102,58 @@ def _check_float(t: Tensor, name: str, fn: str) -> None:
         raise TypeError(f"{fn}: expected {name} to be a floating-point tensor, got {t.dtype}")
 
 
-class L1Unstructured(_torch_prune.L1Unstructured):
+def _magnitude_scores(t: Tensor, name: str, fn: str) -> Tensor:
+    """Scores for koopfast's kernel: floating-point tensors as they are, integer ones (torch accepts
+    them) in float64, exact below 2^53; bool and complex raise TypeError, as torch.abs does."""
+    if t.is_floating_point():
+        return t
+    if t.dtype in (torch.bool,) or t.is_complex():
+        raise TypeError(f"{fn}: expected {name} to be a real (floating-point or integer) tensor, got {t.dtype}")
+    return t.to(torch.float64)
+
+
+class _PicklesAsTorch:
+    """Pickled as torch.nn.utils.prune's own class of the same name: the state (amount, n, dim,
+    the tensor name) is the same, and the mask is already computed, so a model pruned with
+    koopfast.prune loads where koopfast is not installed."""
+
+    def __reduce_ex__(self, protocol):  # _torch_args: each subclass's torch constructor arguments
+        torch_class = getattr(_torch_prune, type(self).__name__)
+        return (torch_class, self._torch_args(), dict(self.__dict__))
+
+
+class L1Unstructured(_PicklesAsTorch, _torch_prune.L1Unstructured):
     """torch's L1Unstructured with the mask chosen by koopfast's exact selection kernel.
 
-    Prunes the ``amount`` entries of smallest ``|t|``; among ties, the last in flat order.
+    Prunes the ``amount`` entries of smallest ``|t|``; among ties, the last in flat order. Usable
+    on its own (``compute_mask``, ``prune``) as torch's is; pickles as torch's class.
     """
+
+    def _torch_args(self) -> tuple:
+        return (self.amount,)
 
     def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
         fn = "koopfast.prune.L1Unstructured"
-        _check_float(t, "the importance scores", fn)
+        scores = _magnitude_scores(t, "the importance scores", fn)
         n = t.nelement()
         nprune = _nparams_to_prune(self.amount, n, fn)
         mask = default_mask.clone(memory_format=torch.contiguous_format)
         if nprune != 0:
-            operands = _Operands([t.detach()], "abs", fn)
-            operands.names = [self._tensor_name or "t"]
+            operands = _Operands([scores.detach()], "abs", fn)
+            operands.names = [getattr(self, "_tensor_name", None) or "t"]
             keep = operands.topk(n - nprune)[0]
             mask.masked_fill_(~keep.view(mask.shape), 0)
         return mask
 
 
-class LnStructured(_torch_prune.LnStructured):
+class LnStructured(_PicklesAsTorch, _torch_prune.LnStructured):
     """torch's LnStructured with the kept channels chosen by koopfast's exact selection kernel.
 
     Keeps the channels (along ``dim``) of largest L``n`` norm; among ties, the lowest indices.
     """
+
+    def _torch_args(self) -> tuple:
+        return (self.amount, self.n, self.dim)
 
     def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
         fn = "koopfast.prune.LnStructured"
@@ -138,7 +171,7 @@ class LnStructured(_torch_prune.LnStructured):
         dim = self.dim % t.dim()
         norm = torch.norm(t.detach(), p=self.n, dim=[d for d in range(t.dim()) if d != dim])
         operands = _Operands([norm], "value", fn)
-        operands.names = [f"the L{self.n} norms of {self._tensor_name or 't'}"]
+        operands.names = [f"the L{self.n} norms of {getattr(self, '_tensor_name', None) or 't'}"]
         keep = operands.topk(channels - nprune)[0]
         mask = torch.zeros_like(t)
         index = [slice(None)] * t.dim()
@@ -210,9 +243,8 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
             raise ValueError(
                 f"{fn}: expected the importance scores of {label} to have its shape {list(t.shape)}, got {got}"
             )
-        _check_float(s, f"the importance scores of {label}", fn)
         names.append(label)
-        scores.append(s.detach())
+        scores.append(_magnitude_scores(s, f"the importance scores of {label}", fn).detach())
         defaults.append(None if default is None else default.detach())
 
     with torch.no_grad():
@@ -221,11 +253,14 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
         keep = n - _nparams_to_prune(method.amount, n, fn)
         masks = _keep_among_unpruned(scores, unpruned, defaults, names, keep, fn)
         final = [m if d is None else d.masked_fill(u & ~m, 0) for m, d, u in zip(masks, defaults, unpruned)]
+    reparametrized = set()
     for (module, name), mask, default in zip(parameters, final, defaults):
-        if default is None:
+        key = (id(module), name)
+        if default is None and key not in reparametrized:
             _reparametrize(module, name, mask)
-        else:  # already pruned: torch composes the new mask with the old in a PruningContainer
+        else:  # pruned before (or listed twice, as torch allows): torch composes the masks
             _torch_prune.custom_from_mask(module, name, mask=mask)
+        reparametrized.add(key)
 
 
 def _reparametrize(module: nn.Module, name: str, mask: Tensor) -> None:

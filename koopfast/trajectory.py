@@ -18,6 +18,7 @@ local snapshots each. docs/distributed.md has the communication volumes.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import operator
 import os
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from koopfast import _distributed as kd
 from koopfast import ops
+from koopfast._reduce import sq_norm as _sq_norm
 from koopfast.prunable import ParamSource, named_tensors
 
 __all__ = ["TrajectoryRecorder"]
@@ -108,6 +110,11 @@ class TrajectoryRecorder:
         for name, p in self._params.items():
             if not p.is_floating_point():
                 raise TypeError(f"{_FN}: expected floating-point parameters, got {name!r} of dtype {p.dtype}")
+            if p.is_meta:
+                raise ValueError(
+                    f"{_FN}: expected parameters that hold values, got {name!r} on the meta device (materialize the "
+                    "model first, e.g. to_empty() and an initialization)"
+                )
             if p.device != self._param_device:
                 raise ValueError(
                     f"{_FN}: expected all parameters on one device, got {tensors[0].device} and {p.device} ({name!r})"
@@ -145,6 +152,7 @@ class TrajectoryRecorder:
 
     def record(self) -> None:
         """Stores one snapshot of the parameters (call after each optimizer step)."""
+        self._check_file(f"{_FN}.record")
         self._check_unchanged()
         full = len(self._order) == self.capacity
         if full and not self.window:
@@ -201,6 +209,7 @@ class TrajectoryRecorder:
         n = len(self._order)
         if not -n <= t < n:
             raise IndexError(f"{_FN}.snapshot: expected t in [{-n}, {n}), got {t}")
+        self._check_file(f"{_FN}.snapshot")
         coeffs = torch.zeros(self._rows, 1, dtype=torch.float64, device=self.device)
         coeffs[self._order[t], 0] = 1.0
         return self.unflatten(ops.trajectory_combine(self._snapshots, coeffs, self._anchor)[0])
@@ -223,6 +232,7 @@ class TrajectoryRecorder:
         memory, whatever N is (the snapshots may be on disk, ``path=``)."""
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"{_FN}.blocks: expected a positive int size, got {size!r}")
+        self._check_file(f"{_FN}.blocks")
         order = torch.tensor(self._order, dtype=torch.long, device=self.device)
         for n0 in range(0, self.numel, size):
             block = self._snapshots[order, n0 : n0 + size].to(torch.float64)
@@ -246,6 +256,7 @@ class TrajectoryRecorder:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume recording exactly: the stored snapshots in time order, their
         Gram bookkeeping, the anchor and the step count (tensors on the recorder's device)."""
+        self._check_file(f"{_FN}.state_dict")
         idx = torch.tensor(self._order, dtype=torch.long, device=self.device)
         return {
             "version": _STATE_VERSION,
@@ -265,11 +276,20 @@ class TrajectoryRecorder:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores a state from :meth:`state_dict`; the recorder must record the same parameters
-        with the same capacity, dtype, window and anchor mode. Validates everything before changing
-        anything."""
+        with the same capacity, dtype, window and anchor mode. Everything is validated before
+        anything changes (types, shapes, dtypes, finite values, a step count no smaller than the
+        snapshots held, each snapshot's squared norm against its Gram entry): a rejected state
+        leaves the recorder exactly as it was."""
         fn = f"{_FN}.load_state_dict"
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"{fn}: expected a state of version {_STATE_VERSION}, got {state.get('version')!r}")
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{fn}: expected a state dict (a mapping), got {type(state).__name__}")
+        keys = ("version", "names", "shapes", "capacity", "dtype", "window", "anchor_mode", "anchor", "anchor_sq",
+                "snapshots", "row_dots", "anchor_dots", "steps")  # fmt: skip
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ValueError(f"{fn}: expected a state from TrajectoryRecorder.state_dict(), missing {missing}")
+        if state["version"] != _STATE_VERSION:
+            raise ValueError(f"{fn}: expected a state of version {_STATE_VERSION}, got {state['version']!r}")
         expected = {
             "names": list(self.names),
             "shapes": [list(s) for s in self.shapes],
@@ -279,12 +299,13 @@ class TrajectoryRecorder:
             "anchor_mode": self._anchor_mode,
         }
         for key, want in expected.items():
-            if state.get(key) != want:
-                raise ValueError(f"{fn}: expected {key} {want!r} (as this recorder was built), got {state.get(key)!r}")
+            if state[key] != want:
+                raise ValueError(f"{fn}: expected {key} {want!r} (as this recorder was built), got {state[key]!r}")
         snapshots = state["snapshots"]
-        t = snapshots.shape[0] if isinstance(snapshots, Tensor) else -1
+        t = snapshots.shape[0] if isinstance(snapshots, Tensor) and snapshots.dim() == 2 else -1
         if not 0 <= t <= self.capacity:
-            raise ValueError(f"{fn}: expected at most {self.capacity} snapshots, got {t}")
+            got = list(snapshots.shape) if isinstance(snapshots, Tensor) else type(snapshots).__name__
+            raise ValueError(f"{fn}: expected snapshots [t, {self.numel}] with t <= {self.capacity}, got {got}")
         tensors = {
             "snapshots": ((t, self.numel), self.dtype),
             "row_dots": ((t, t), torch.float64),
@@ -295,20 +316,43 @@ class TrajectoryRecorder:
             if not isinstance(v, Tensor) or tuple(v.shape) != shape or v.dtype != dtype:
                 got = f"{tuple(v.shape)} {v.dtype}" if isinstance(v, Tensor) else type(v).__name__
                 raise ValueError(f"{fn}: expected {key} of shape {shape} and dtype {dtype}, got {got}")
+            if v.is_meta:
+                raise ValueError(f"{fn}: expected {key} to hold values, got a tensor on the meta device")
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"{fn}: expected finite {key}, got NaN or Inf")
         anchor = state["anchor"]
-        if anchor is not None and (not isinstance(anchor, Tensor) or tuple(anchor.shape) != (self.numel,)):
-            raise ValueError(f"{fn}: expected anchor None or a float32 tensor of shape ({self.numel},)")
-        if self._anchor_mode == "given" and anchor is None:
-            raise ValueError(f"{fn}: expected the given anchor in the state, got None")
-        self._snapshots[:t] = state["snapshots"].to(self.device)
+        if anchor is not None:
+            if not isinstance(anchor, Tensor) or tuple(anchor.shape) != (self.numel,) or anchor.dtype != torch.float32:
+                got = f"{tuple(anchor.shape)} {anchor.dtype}" if isinstance(anchor, Tensor) else type(anchor).__name__
+                raise ValueError(f"{fn}: expected anchor None or a float32 tensor of shape ({self.numel},), got {got}")
+            if anchor.is_meta or not bool(torch.isfinite(anchor).all()):
+                raise ValueError(f"{fn}: expected a finite anchor with values, got NaN, Inf or a meta tensor")
+        needs_anchor = self._anchor_mode == "given" or (self._anchor_mode == "first" and t > 0)
+        if needs_anchor and anchor is None:
+            raise ValueError(f"{fn}: expected an anchor in the state (anchor mode {self._anchor_mode!r}), got None")
+        if self._anchor_mode == "none" and anchor is not None:
+            raise ValueError(f"{fn}: expected no anchor (anchor mode 'none'), got one")
+        anchor_sq = state["anchor_sq"]
+        if isinstance(anchor_sq, bool) or not isinstance(anchor_sq, (int, float)) or not math.isfinite(anchor_sq):
+            raise ValueError(f"{fn}: expected anchor_sq to be a finite number, got {anchor_sq!r}")
+        steps = state["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < t:
+            raise ValueError(f"{fn}: expected steps to be an int >= the {t} snapshots held, got {steps!r}")
+        # The Gram entries belong to these snapshots: each diagonal entry is its row's squared norm.
+        norms = torch.tensor([_sq_norm(row) for row in snapshots], dtype=torch.float64)
+        diagonal = state["row_dots"].diagonal().cpu()
+        if not torch.allclose(norms, diagonal, rtol=1e-9, atol=0.0):
+            raise ValueError(f"{fn}: expected row_dots to be the snapshots' Gram matrix, but its diagonal differs")
+        self._check_file(fn)
+        self._snapshots[:t] = snapshots.to(self.device)
         self._row_dots.zero_()
         self._row_dots[:t, :t] = state["row_dots"].to(self.device)
         self._anchor_dots.zero_()
         self._anchor_dots[:t] = state["anchor_dots"].to(self.device)
         self._anchor = None if anchor is None else anchor.to(device=self.device, dtype=torch.float32).clone()
-        self._anchor_sq = float(state["anchor_sq"])
+        self._anchor_sq = float(anchor_sq)
         self._order = list(range(t))
-        self.steps = int(state["steps"])
+        self.steps = steps
 
     # ---- internals used by DMD ------------------------------------------------------------------------
 
@@ -320,6 +364,7 @@ class TrajectoryRecorder:
 
     def _combine(self, coeffs_by_time: Tensor, wide: bool = False) -> Tensor:
         """sum_t c[t, j] θ_t over the stored snapshots in time order: [m, N]."""
+        self._check_file(f"{_FN}: combining snapshots")
         return ops.trajectory_combine(self._snapshots, self._time_coeffs(coeffs_by_time), self._anchor, wide)
 
     def _storage_epsilon(self) -> float:
@@ -393,12 +438,37 @@ class TrajectoryRecorder:
         return torch.cat([kd.local(p.detach()).reshape(-1).to(torch.float32) for p in self._params.values()])
 
     def _allocate(self) -> Tensor:
+        self._file = None
         if self.path is None:
             return torch.zeros(self._rows, self.numel, dtype=self.dtype, device=self.device)
-        with open(self.path, "wb"):  # a fresh, empty (sparse, zero-filled once sized) file
-            pass
+        # The file is locked for as long as this recorder lives (another recorder given the same path
+        # fails here instead of sharing it), then emptied and sized: sparse, zero-filled.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ValueError(
+                f"{_FN}: expected a snapshot file of its own, but {self.path!r} is locked by another recorder"
+            ) from None
+        self._file = os.fdopen(fd, "r+b")
+        self._file_bytes = self._rows * self.numel * torch.empty((), dtype=self.dtype).element_size()
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, self._file_bytes)
         flat = torch.from_file(self.path, shared=True, size=self._rows * self.numel, dtype=self.dtype)
         return flat.view(self._rows, self.numel)
+
+    def _check_file(self, fn: str) -> None:
+        """A snapshot file shortened on disk would kill the process (SIGBUS) at the first read of
+        the lost pages: checked before every pass over the snapshots."""
+        if self._file is None:
+            return
+        size = os.fstat(self._file.fileno()).st_size
+        if size < self._file_bytes:
+            raise ValueError(
+                f"{fn}: expected the snapshot file {self.path!r} to hold {self._file_bytes} bytes, but it has "
+                f"{size}: it was truncated on disk, and its snapshots are lost"
+            )
 
     def _reduce_row(self, dots: Tensor, bad: bool) -> tuple[Tensor, bool]:
         """The Gram row summed over the processes, and whether any other process failed."""
@@ -423,8 +493,3 @@ class TrajectoryRecorder:
         else:  # one staged tensor: find the parameter
             name = next(n for n, p in self._params.items() if not bool(torch.isfinite(kd.local(p.detach())).all()))
         return f"expected finite parameters, got NaN/Inf (or a value beyond {self.dtype}'s range) in {name!r}"
-
-
-def _sq_norm(flat: Tensor) -> float:
-    v = flat.to(torch.float64)
-    return float(torch.dot(v, v))

@@ -23,10 +23,19 @@ TensorView make_view(const at::Tensor& t, const char* op, const char* arg, std::
   TensorView v;
   v.dtype = to_dtype(t.scalar_type(), op, arg);
   v.numel = t.numel();
-  // Coalesce from the innermost dimension outwards, dropping size-1 dimensions.
-  int64_t sizes[64];
-  int64_t strides[64];
+  if (v.numel == 0) {  // nothing to walk, whatever its shape (and any number of dimensions)
+    v.data = t.data_ptr();
+    v.ndim = 1;
+    v.sizes[0] = 0;
+    v.strides[0] = 1;
+    return v;
+  }
+  // Coalesce from the innermost dimension outwards, dropping size-1 dimensions. A tensor that
+  // still needs more than kMaxDims strided dimensions is walked through a contiguous copy.
+  int64_t sizes[kMaxDims];
+  int64_t strides[kMaxDims];
   int nd = 0;
+  bool fits = true;
   for (int64_t d = t.dim() - 1; d >= 0; --d) {
     const int64_t s = t.size(d);
     const int64_t st = t.stride(d);
@@ -35,16 +44,15 @@ TensorView make_view(const at::Tensor& t, const char* op, const char* arg, std::
       sizes[nd - 1] *= s;  // contiguous with the inner run
       continue;
     }
+    if (nd == kMaxDims) {
+      fits = false;
+      break;
+    }
     sizes[nd] = s;
     strides[nd] = st;
     ++nd;
   }
-  if (nd == 0) {
-    sizes[0] = 1;
-    strides[0] = 1;
-    nd = 1;
-  }
-  if (nd > kMaxDims) {
+  if (!fits) {
     keep_alive.push_back(t.contiguous());
     v.data = keep_alive.back().data_ptr();
     v.ndim = 1;
@@ -52,16 +60,16 @@ TensorView make_view(const at::Tensor& t, const char* op, const char* arg, std::
     v.strides[0] = 1;
     return v;
   }
+  if (nd == 0) {  // a single element
+    sizes[0] = 1;
+    strides[0] = 1;
+    nd = 1;
+  }
   v.data = t.data_ptr();
   v.ndim = nd;
   for (int i = 0; i < nd; ++i) {  // reverse back to outermost-first
     v.sizes[i] = sizes[nd - 1 - i];
     v.strides[i] = strides[nd - 1 - i];
-  }
-  if (v.numel == 0) {
-    v.ndim = 1;
-    v.sizes[0] = 0;
-    v.strides[0] = 1;
   }
   return v;
 }

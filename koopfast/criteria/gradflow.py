@@ -69,6 +69,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from koopfast import _distributed as kf_dist
 from koopfast import masks as kf_masks
+from koopfast._reduce import sq_norm
 from koopfast.prunable import ALONG_DIM_0, ParamSource, Units, entries, units_of
 
 __all__ = [
@@ -446,6 +447,8 @@ def _mean_gradient(model, loss_fn, batches, params, fisher, layout, fn):
     samples, count = 0.0, 0
     for batch in batches:
         w = _batch_size(batch)
+        if w == 0:  # no samples: nothing to add (its mean loss would be NaN)
+            continue
         grads = _grads(_loss(model, loss_fn, batch, fn), params, fn)
         with torch.no_grad():
             for (name, acc), g in zip(total.items(), grads):
@@ -460,7 +463,7 @@ def _mean_gradient(model, loss_fn, batches, params, fisher, layout, fn):
         samples, count = float(counts[0]), int(counts[1])
     if count == 0:
         where = "" if layout is None else f" on any of the {layout.world} processes"
-        raise ValueError(f"{fn}: expected at least one batch, got none{where}")
+        raise ValueError(f"{fn}: expected at least one batch with samples, got none{where}")
     with torch.no_grad():
         grad = {n: (t / samples).to(params[n].dtype) for n, t in total.items()}
         grad_sq = None if total_sq is None else {n: (t / samples).to(params[n].dtype) for n, t in total_sq.items()}
@@ -479,6 +482,8 @@ def _hvp_exact_passes(model, loss_fn, batches, params, grad, samples, layout, fn
     vec = [grad[n] for n in params]
     for batch in batches:
         w = _batch_size(batch)
+        if w == 0:  # no samples: nothing to add (its mean loss would be NaN)
+            continue
         grads = _grads(_loss(model, loss_fn, batch, fn), params, fn, create_graph=True)
         dot = sum((g * v).sum() for g, v in zip(grads, vec))
         try:
@@ -512,6 +517,8 @@ def _replicated_fd_sums(model, loss_fn, params, grad, fn):
                         p.data = originals[n] + sign * h * grad[n]
                 for batch in batches:
                     w = _batch_size(batch)
+                    if w == 0:
+                        continue
                     grads = _grads(_loss(model, loss_fn, batch, fn), params, fn)
                     with torch.no_grad():
                         for (_, acc), g in zip(total.items(), grads):
@@ -535,7 +542,8 @@ def _global_sums(values: list[float], layout: kf_dist.Layout | None) -> list[flo
 
 
 def _sq_norm(tensors: Iterable[Tensor]) -> float:
-    return sum(float(kf_dist.local(t).detach().double().square().sum()) for t in tensors)
+    """Σ x² over the tensors (this process's rows of sharded ones), independent of the thread count."""
+    return math.fsum(sq_norm(kf_dist.local(t).detach()) for t in tensors)
 
 
 def _finite_difference(run, batches, params, grad, samples, step, tol, layout, reduce, fn):
@@ -670,7 +678,14 @@ def _sharded_operands(model, loss_fn, batches, params, hvp, fisher, fd_step, fd_
             "backward() only yields their sum over the processes"
         )
     batches = list(batches)
-    counts = [c[0] for c in kf_dist.all_gather_ints([len(batches)], layout)]
+    empty = sum(_batch_size(b) == 0 for b in batches)
+    gathered = kf_dist.all_gather_ints([len(batches), empty], layout)
+    if any(e for _, e in gathered):
+        raise ValueError(
+            f"{fn}: with sharded (DTensor) parameters every batch needs samples (each backward pass is "
+            f"collective), got batches without any on ranks {[r for r, (_, e) in enumerate(gathered) if e]}"
+        )
+    counts = [c for c, _ in gathered]
     if len(set(counts)) != 1:
         raise ValueError(
             f"{fn}: with sharded (DTensor) parameters every process must pass the same number of batches (each "

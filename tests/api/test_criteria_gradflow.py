@@ -244,7 +244,7 @@ def test_errors():
     batches = batches_for(model)
     loss = kf.criteria.cross_entropy()
     fn = "koopfast.criteria.gradient_flow"
-    with pytest.raises(ValueError, match=rf"{fn}: expected at least one batch, got none"):
+    with pytest.raises(ValueError, match=rf"{fn}: expected at least one batch with samples, got none"):
         kf.criteria.gradient_flow(model, loss, [])
     with pytest.raises(
         ValueError, match=rf"{fn}: expected loss_fn to return a scalar loss .* got a tensor of shape \(8, 3\)"

@@ -115,7 +115,7 @@ def test_the_file_is_plain_data_in_the_numpy_packbits_format():
     kf.masks.save(masks, buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    assert state["format"] == "koopfast.masks" and state["version"] == 1 and state["names"] == list(masks)
+    assert state["format"] == "koopfast.masks" and state["version"] == 2 and state["names"] == list(masks)
     for name, shape, bits in zip(state["names"], state["shapes"], state["bits"]):
         assert shape == list(masks[name].shape)
         expected = np.packbits(masks[name].numpy().reshape(-1), bitorder="little")
@@ -140,7 +140,7 @@ def test_load_rejects_other_files_and_save_rejects_bad_masks(tmp_path):
     ):
         kf.masks.load(tmp_path / "other.pt")
     torch.save({"format": "koopfast.masks", "version": 99}, tmp_path / "future.pt")
-    with pytest.raises(ValueError, match=r"koopfast.masks.load: expected masks file version 1, got 99"):
+    with pytest.raises(ValueError, match=r"koopfast.masks.load: expected masks file version 1 or 2, got 99"):
         kf.masks.load(tmp_path / "future.pt")
     state = {
         "format": "koopfast.masks",

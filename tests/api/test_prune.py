@@ -213,11 +213,11 @@ def test_errors_match_torch_types():
         kf_prune.global_unstructured(
             [(lin, "weight")], kf_prune.L1Unstructured, importance_scores={(lin, "weight"): torch.ones(5)}, amount=1
         )
-    with pytest.raises(TypeError, match=r"expected the importance scores of parameters\[0\] .* floating-point"):
+    with pytest.raises(TypeError, match=r"expected the importance scores of parameters\[0\] .* real .* got torch.bool"):
         kf_prune.global_unstructured(
             [(lin, "weight")],
             kf_prune.L1Unstructured,
-            importance_scores={(lin, "weight"): torch.ones(lin.weight.shape, dtype=torch.long)},
+            importance_scores={(lin, "weight"): torch.ones(lin.weight.shape, dtype=torch.bool)},
             amount=1,
         )
     assert not kf_prune.is_pruned(model)
