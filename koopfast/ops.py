@@ -59,6 +59,12 @@ def _int64_list(op: str, arg: str, values: Sequence[int]) -> list[int]:
     return [_int64(op, f"{arg}[{i}]", v) for i, v in enumerate(values)]
 
 
+def _require(condition: bool, message: str) -> None:
+    """ValueError, as the C++ checks raise (torch._check would raise RuntimeError)."""
+    if not condition:
+        raise ValueError(message)
+
+
 def _one_device(op: str, **tensors) -> None:
     """ValueError when the tensors (lists of them, single ones or None) are on several devices."""
     first: tuple[torch.device, str] | None = None
@@ -103,7 +109,7 @@ def select_threshold(a: Sequence[Tensor], b: Sequence[Tensor], score: ScoreBy, k
 
 @torch.library.register_fake("koopfast::select_threshold")
 def _select_threshold_fake(a, b, score, k):
-    torch._check(len(a) > 0, lambda: "koopfast::select_threshold: expected a to be a non-empty list of tensors")
+    _require(len(a) > 0, "koopfast::select_threshold: expected a to be a non-empty list of tensors")
     _one_device("select_threshold", a=a, b=b)
     threshold = a[0].new_empty((), dtype=_compute_dtype(a))
     stats = a[0].new_empty((NUM_SELECT_STATS,), dtype=torch.int64)
@@ -244,8 +250,8 @@ def _bits_per_unit(shape: Sequence, dim: int) -> int:
 
 @torch.library.register_fake("koopfast::sign_codes")
 def _sign_codes_fake(x, dim):
-    torch._check(x.dim() >= 1, lambda: "koopfast::sign_codes: expected x to have at least one dimension")
-    torch._check(-x.dim() <= dim < x.dim(), lambda: f"koopfast::sign_codes: expected dim in range, got {dim}")
+    _require(x.dim() >= 1, "koopfast::sign_codes: expected x to have at least one dimension")
+    _require(-x.dim() <= dim < x.dim(), f"koopfast::sign_codes: expected dim in [{-x.dim()}, {x.dim()}), got {dim}")
     words = (_bits_per_unit(x.shape, dim) + CODE_WORD_BITS - 1) // CODE_WORD_BITS
     return x.new_empty((x.shape[dim], words), dtype=torch.int64)
 
@@ -267,7 +273,7 @@ def hamming_distance(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
 
 @torch.library.register_fake("koopfast::hamming_distance")
 def _hamming_distance_fake(a, b):
-    torch._check(len(a) > 0, lambda: "koopfast::hamming_distance: expected a to be a non-empty list of code tensors")
+    _require(len(a) > 0, "koopfast::hamming_distance: expected a to be a non-empty list of code tensors")
     _one_device("hamming_distance", a=a, b=b)
     return [t.new_empty((t.shape[0],), dtype=torch.int64) for t in a]
 
@@ -280,7 +286,7 @@ def pairwise_hamming(codes: Tensor) -> Tensor:
 
 @torch.library.register_fake("koopfast::pairwise_hamming")
 def _pairwise_hamming_fake(codes):
-    torch._check(codes.dim() == 2, lambda: "koopfast::pairwise_hamming: expected 2-D codes [units, words]")
+    _require(codes.dim() == 2, f"koopfast::pairwise_hamming: expected 2-D codes [units, words], got {codes.dim()}-D")
     return codes.new_empty((codes.shape[0], codes.shape[0]), dtype=torch.int64)
 
 

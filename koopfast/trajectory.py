@@ -139,11 +139,19 @@ class TrajectoryRecorder:
         # as its dot products, so a record() that fails on a non-finite value loses nothing.
         self._rows = capacity + 1
         self.path = None if path is None else os.fspath(path).replace("{rank}", str(self.rank))
-        self._snapshots = self._allocate()
-        # Gram of the stored rows in slot coordinates, their inner products with the anchor, and
-        # the anchor's squared norm: G_ij = |a|^2 + <a, d_i> + <a, d_j> + <d_i, d_j>.
-        self._row_dots = torch.zeros(self._rows, self._rows, dtype=torch.float64, device=self.device)
-        self._anchor_dots = torch.zeros(self._rows, dtype=torch.float64, device=self.device)
+        element = torch.empty((), dtype=dtype).element_size()
+        need = self._rows * self.numel * element + (self._rows + 1) * self._rows * 8
+        try:
+            self._snapshots = self._allocate()
+            # Gram of the stored rows in slot coordinates, their inner products with the anchor, and
+            # the anchor's squared norm: G_ij = |a|^2 + <a, d_i> + <a, d_j> + <d_i, d_j>.
+            self._row_dots = torch.zeros(self._rows, self._rows, dtype=torch.float64, device=self.device)
+            self._anchor_dots = torch.zeros(self._rows, dtype=torch.float64, device=self.device)
+        except (RuntimeError, MemoryError, OverflowError, TypeError) as exc:  # TypeError: sizes beyond int64
+            raise ValueError(
+                f"{_FN}: expected a capacity whose buffers fit in memory, got capacity {capacity}: "
+                f"{need / 2**30:.3g} GiB on {self.device} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+            ) from None
         self._anchor_sq = 0.0 if self._anchor is None else self._global_sq_norm(self._anchor)
         self._order: list[int] = []  # slots in time order
         self.steps = 0  # successful record() calls, evicted snapshots included
@@ -439,8 +447,8 @@ class TrajectoryRecorder:
 
     def _allocate(self) -> Tensor:
         self._file = None
-        if self.path is None:
-            return torch.zeros(self._rows, self.numel, dtype=self.dtype, device=self.device)
+        if self.path is None:  # rows are read only after they are written: no need to touch the pages
+            return torch.empty(self._rows, self.numel, dtype=self.dtype, device=self.device)
         # The file is locked for as long as this recorder lives (another recorder given the same path
         # fails here instead of sharing it), then emptied and sized: sparse, zero-filled.
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)

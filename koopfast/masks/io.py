@@ -54,6 +54,9 @@ def save(masks: Mapping[str, Tensor | PackedMask], path: PathLike) -> None:
         packed = pack(masks)
     except TypeError as exc:
         raise TypeError(str(exc).replace("koopfast.masks.pack", fn)) from None
+    meta = [n for n, p in packed.items() if p.bits.is_meta]
+    if meta:
+        raise ValueError(f"{fn}: expected masks that hold values, got {meta[0]!r} on the meta device")
     names = list(packed)
     shapes = [list(p.shape) for p in packed.values()]
     bits = [p.bits.cpu() for p in packed.values()]

@@ -73,6 +73,9 @@ class _Operands:
                     raise TypeError(f"{fn}: expected {name!r} to be a tensor for by={by!r}, got {type(v).__name__}")
                 self.a.append(v.detach())
         self.numel = sum(t.numel() for t in self.a)
+        for i, name in enumerate(self.names):
+            if self.a[i].is_meta or (binary and self.b[i].is_meta):
+                raise ValueError(f"{fn}: expected score tensors that hold values, got {name!r} on the meta device")
 
     def rename(self, exc: Exception) -> Exception:
         """The op's error with a[i] / b[i] replaced by the caller's names."""
