@@ -210,7 +210,8 @@ def test_no_batch_on_any_process_raises_everywhere(distributed):
     world, per_rank = distributed
     for got in per_rank:
         assert got["empty_error"] == (
-            f"koopfast.criteria.gradient_flow: expected at least one batch with samples, got none on any of the {world} processes"
+            "koopfast.criteria.gradient_flow: expected at least one batch with samples, got none on any of the "
+            f"{world} processes"
         )
 
 
