@@ -17,7 +17,7 @@ Semantics, as torch's: ``amount`` is the number (int) or fraction (float, of the
 pruned) of entries to prune; a float amount prunes ``round(amount * n)``. Pruning a module
 again considers only the entries its mask still keeps (mask == 1).
 
-Documented differences from torch.nn.utils.prune:
+Documented differences from torch.nn.utils.prune (docs/robustness.md has them as a table):
 
 - ties: among entries with equal ``|score|`` at the threshold, the ones pruned are the last in
   (parameter order, flat index) order; torch.topk's choice among ties is unspecified. Without

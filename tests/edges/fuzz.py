@@ -196,8 +196,10 @@ def target_packing(data) -> None:
     except Exception as exc:
         expect_clear(exc, ("koopfast::unpack_masks", "koopfast::count_masks"), name)
         return
-    assert all(torch.equal(u, m.reshape(-1)) for u, m in zip(unpacked, masks))
-    assert counts.tolist() == [int(m.sum()) for m in masks]
+    assert all(torch.equal(u, w) for u, w in zip(unpacked, reference.unpack_masks(packed, numels)))
+    assert torch.equal(counts, reference.count_masks(packed, numels))
+    if numels == [m.numel() for m in masks]:
+        assert all(torch.equal(u, m.reshape(-1)) for u, m in zip(unpacked, masks))
     checked(name)
 
 
@@ -427,8 +429,122 @@ def target_prune(data) -> None:
     checked(name)
 
 
+def small_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def model_state(model: nn.Module, optimizer=None) -> list[torch.Tensor]:
+    tensors = [p.detach().clone() for p in model.parameters()]
+    if optimizer is not None:
+        tensors += [v.clone() for st_ in optimizer.state.values() for v in st_.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+def target_masked(data) -> None:
+    name = "masks.apply_/Masked"
+    model = small_model(data.draw(st.integers(0, 3)))
+    params = dict(model.named_parameters())
+    masks = {}
+    for n, p in params.items():
+        kind = data.draw(st.sampled_from(["bool", "bool", "packed", "skip", "wrong shape", "float", "unknown"]))
+        bools = torch.rand(p.shape, generator=torch.Generator().manual_seed(len(masks))) > 0.5
+        if kind == "bool":
+            masks[n] = bools
+        elif kind == "packed":
+            masks[n] = kf.masks.pack({n: bools})[n]
+        elif kind == "wrong shape":
+            masks[n] = bools.reshape(-1)[:-1] if bools.numel() > 1 else bools.reshape(1, -1)
+        elif kind == "float":
+            masks[n] = bools.float()
+        elif kind == "unknown":
+            masks[n + "x"] = bools
+    kind = data.draw(st.sampled_from(["sgd", "adam", "none"]))
+    optimizers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+    opt = optimizers[kind](model.parameters(), lr=0.1) if kind in optimizers else None
+    x, y = torch.randn(4, 5), torch.randint(3, (4,))
+    if opt is not None:  # optimizer states exist before pruning
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    before = model_state(model, opt)
+    try:
+        if data.draw(st.booleans()):
+            kf.masks.apply_(model, masks)
+            masked = None
+        else:
+            masked = kf.masks.Masked(model, masks, opt)
+    except Exception as exc:
+        assert all(bits_equal(a, b) for a, b in zip(before, model_state(model, opt))), "a failed call changed the model"
+        expect_clear(exc, ("koopfast.masks.apply_", "koopfast.masks.Masked"), name)
+        return
+    if masked is not None and opt is not None:
+        for _ in range(2):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        masked.remove()
+    for n, m in masks.items():
+        bools = kf.masks.unpack({n: m})[n] if isinstance(m, kf.masks.PackedMask) else m
+        assert bool((params[n][~bools] == 0).all()), n
+    checked(name)
+
+
+def target_structured(data) -> None:
+    name = "masks.structured_topk"
+    model = small_model(0)
+    units = {"0.weight": 6, "2.weight": 3}
+    scores = {}
+    for n, u in units.items():
+        kind = data.draw(st.sampled_from(["ok", "ok", "ok", "length", "nan", "int", "skip"]))
+        s = torch.randn(u + (1 if kind == "length" else 0), generator=torch.Generator().manual_seed(u))
+        if kind == "nan":
+            s[0] = float("nan")
+        if kind == "int":
+            s = s.long()
+        if kind != "skip":
+            scores[n] = s
+    sparsity = mostly(data, st.floats(0, 0.99), st.sampled_from([1.0, -1.0, "x", None]))
+    scope = mostly(data, st.sampled_from(["global", "layerwise"]), st.just("local"))
+    try:
+        masks = kf.masks.structured_topk(scores, model, sparsity, scope=scope)
+    except Exception as exc:
+        expect_clear(exc, ("koopfast.masks.structured_topk",), name)
+        return
+    kept = {n: int(masks[n].reshape(masks[n].shape[0], -1).all(1).sum()) for n in scores}
+    if scope == "global":
+        assert sum(kept.values()) == round((1 - sparsity) * sum(units[n] for n in scores))
+    else:
+        assert all(k == round((1 - sparsity) * units[n]) for n, k in kept.items())
+    checked(name)
+
+
+def target_gradient_flow(data) -> None:
+    name = "criteria.gradient_flow"
+    model = small_model(1)
+    before = model_state(model)
+    sizes = data.draw(st.lists(st.integers(0, 5), max_size=3))
+    gen = torch.Generator().manual_seed(len(sizes))
+    batches = [(torch.randn(n, 5, generator=gen), torch.randint(3, (n,), generator=gen)) for n in sizes]
+    hvp = mostly(data, st.sampled_from([None, "exact", "finite_difference"]), st.just("lanczos"))
+    fd_step = mostly(data, st.sampled_from(["auto", 1e-3]), st.sampled_from([0.0, -1.0, "big", float("nan")]))
+    measure = data.draw(st.sampled_from(list(kf.criteria.gradflow.MEASURES)))
+    try:
+        flow = kf.criteria.gradient_flow(
+            model, kf.criteria.cross_entropy(), batches, hvp=hvp, fd_step=fd_step, fisher=data.draw(st.booleans()),
+            eval_mode=data.draw(st.booleans()),
+        )
+        scores = flow.scores(measure, data.draw(st.sampled_from(["unstructured", "filter"])))
+    except Exception as exc:
+        assert all(bits_equal(a, b) for a, b in zip(before, model_state(model))), "scoring changed the model"
+        expect_clear(exc, ("koopfast.criteria.gradient_flow", "koopfast.criteria.GradientFlow"), name)
+        return
+    assert all(bits_equal(a, b) for a, b in zip(before, model_state(model))), "scoring changed the model"
+    assert all(torch.isfinite(s).all() for s in scores.values()) and flow.samples == sum(sizes)
+    checked(name)
+
+
 TARGETS = [target_select, target_packing, target_apply, target_codes, target_global_topk, target_masks_file,
-           target_recorder, target_prune]  # fmt: skip
+           target_recorder, target_prune, target_masked, target_structured, target_gradient_flow]  # fmt: skip
 
 
 def run(examples: int, seed: int = 0) -> dict:
