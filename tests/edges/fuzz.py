@@ -543,8 +543,64 @@ def target_gradient_flow(data) -> None:
     checked(name)
 
 
+def target_small_api(data) -> None:
+    name = "magnitude/per_unit/report/pack"
+    model = small_model(2)
+    source = mostly(data, st.just(model), st.sampled_from([{}, [("a", 1)], "model", {"w": torch.ones(2)}]))
+    granularity = mostly(data, st.sampled_from(["unstructured", "filter"]), st.just("channel"))
+    p = mostly(data, st.sampled_from([1, 2]), st.sampled_from([0, 3, True, 2.0]))
+    reduction = mostly(data, st.sampled_from(["sum", "mean", "l2", "max"]), st.just("median"))
+    try:
+        scores = kf.criteria.magnitude(source, granularity=granularity, p=p)
+        units = kf.criteria.per_unit(kf.criteria.magnitude(source), source, reduction=reduction)
+        masks = kf.masks.global_topk(scores, 0.5)
+        packed = kf.masks.pack(masks)
+        report = kf.masks.report(packed)
+    except Exception as exc:
+        names = ("koopfast.criteria.magnitude", "koopfast.criteria.per_unit", "koopfast.masks")
+        expect_clear(exc, names, name)
+        return
+    assert report.kept == sum(int(m.sum()) for m in masks.values()) == round(0.5 * report.total)
+    assert all(torch.equal(kf.masks.unpack(packed)[n], masks[n]) for n in masks)
+    if isinstance(source, nn.Module):
+        assert all(u.shape[0] == model.get_parameter(n).shape[0] for n, u in units.items())
+    checked(name)
+
+
+def target_earlybird(data) -> None:
+    name = "EarlyBird"
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    bad = [torch.randn(8, 5), torch.randn(0, 4), torch.tensor(1.0), "x", [torch.randn(3, 4), "y"]]
+    probe = mostly(data, st.just(torch.randn(8, 4)), st.sampled_from(bad))
+    window = mostly(data, st.integers(1, 3), st.sampled_from([0, -1, 1.5, True]))
+    try:
+        detectors = [
+            kf.EarlyBird.spline(model, probe, window=window),
+            kf.EarlyBird.mask_distance(model, 0.5, window=window),
+        ]
+    except Exception as exc:
+        expect_clear(exc, ("koopfast.EarlyBird",), name)
+        return
+    for detector in detectors:
+        for _ in range(data.draw(st.integers(1, 4))):
+            with torch.no_grad():
+                model[0].weight.add_(torch.randn(6, 4) * 0.05)
+            history = list(detector.history)
+            if data.draw(st.integers(0, 5)) == 0 and hasattr(detector, "probe"):
+                detector.probe = torch.randn(8, 7)  # a probe the model rejects: the update must change nothing
+            try:
+                detector.update()
+            except Exception as exc:
+                assert detector.history == history, "a failed update changed the detector"
+                expect_clear(exc, ("koopfast.EarlyBird",), name)
+                return
+            assert len(detector.history) == len(history) + 1
+    checked(name)
+
+
 TARGETS = [target_select, target_packing, target_apply, target_codes, target_global_topk, target_masks_file,
-           target_recorder, target_prune, target_masked, target_structured, target_gradient_flow]  # fmt: skip
+           target_recorder, target_prune, target_masked, target_structured, target_gradient_flow, target_small_api,
+           target_earlybird]  # fmt: skip
 
 
 def run(examples: int, seed: int = 0) -> dict:

@@ -26,5 +26,5 @@ def test_short_profile_finds_no_crash_no_unclear_error_and_no_changed_state(tmp_
     assert result.returncode == 0, (result.returncode, result.stdout[-3000:], result.stderr[-6000:])
     data = json.loads(counts.read_text())
     checked = {k.split(" | ")[0] for k, n in data["counts"].items() if "result checked" in k and n > 0}
-    assert len(checked) == 11, f"every target must get calls whose results are checked, got {sorted(checked)}"
-    assert data["calls"] >= 11 * 150
+    assert len(checked) == 13, f"every target must get calls whose results are checked, got {sorted(checked)}"
+    assert data["calls"] >= 13 * 150
