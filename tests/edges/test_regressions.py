@@ -302,3 +302,21 @@ def test_a_failing_mask_computation_leaves_the_module_unpruned():
     with pytest.raises(RuntimeError, match="no"):
         Boom.apply(m, "weight", amount=0.5)
     assert "weight" in dict(m.named_parameters()) and not hasattr(m, "weight_mask") and not m._forward_pre_hooks
+
+
+def test_koopfast_s_own_float_reductions_do_not_depend_on_the_thread_count():
+    """The norms behind the anchor and the finite-difference step (docs/robustness.md: PyTorch's
+    gradients themselves are another matter)."""
+    from koopfast._reduce import sq_norm
+
+    threads = torch.get_num_threads()
+    x = torch.randn(3_000_017, generator=torch.Generator().manual_seed(0))
+    values = []
+    try:
+        for n in (1, max(threads, 2)):
+            torch.set_num_threads(n)
+            values.append(sq_norm(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert values[0] == values[1]
+    assert abs(values[0] - float(x.double().square().sum())) <= 1e-12 * values[0]
