@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import koopfast as kf
-from koopfast.benchmarks.harness import Row, fill_ratios, peak_extra_bytes, time_fn
+from koopfast.benchmarks.harness import Row, fill_ratios, measure
 from koopfast.benchmarks.select import model_like
 
 AUTHORS = "authors' way: double backward, materialise, cat + kthvalue"
@@ -91,20 +91,11 @@ def run_pipeline(case: PipelineCase, repeat: int | None) -> list[Row]:
         overlap = sum(int((a & b).sum()) for a, b in zip(masks, reference)) / sum(int(m.sum()) for m in reference)
         if name.startswith("koopfast exact"):
             assert overlap > 0.999, overlap  # float32 sums in another order: near-ties may flip
-        t = time_fn(fn, torch.device("cpu"), repeat=repeat or 3)
-        peak = peak_extra_bytes(fn, torch.device("cpu"))
+        note = f"mask overlap with the authors' way: {overlap:.4f}"
         rows.append(
-            Row(
-                family="gradflow",
-                case=case.name,
-                method=name,
-                n=n,
-                device="cpu",
-                median_ms=t.median_s * 1e3,
-                min_ms=t.min_s * 1e3,
-                bytes_moved=0,
-                peak_extra_mb=None if peak is None else peak / 2**20,
-                note=f"mask overlap with the authors' way: {overlap:.4f}",
+            measure(
+                fn, family="gradflow", case=case.name, method=name, n=n, device=torch.device("cpu"), repeat=repeat or 3,
+                note=note,
             )
         )
     return fill_ratios(rows, AUTHORS)
@@ -136,23 +127,12 @@ def run_selection(n: int, device: torch.device, repeat: int | None) -> list[Row]
     for name, fn in methods.items():
         got = fn()
         assert sum(int((a & b).sum()) for a, b in zip(got, expected)) >= k - 8, name  # ties at the threshold
-    rows = []
-    for name, fn in methods.items():
-        t = time_fn(fn, device, repeat=repeat or 5)
-        peak = peak_extra_bytes(fn, device)
-        rows.append(
-            Row(
-                family="gradflow",
-                case=case,
-                method=name,
-                n=n,
-                device=device.type,
-                median_ms=t.median_s * 1e3,
-                min_ms=t.min_s * 1e3,
-                bytes_moved=2 * n * 4,
-                peak_extra_mb=None if peak is None else peak / 2**20,
-            )
+    rows = [
+        measure(
+            fn, family="gradflow", case=case, method=name, n=n, device=device, bytes_moved=2 * n * 4, repeat=repeat or 5
         )
+        for name, fn in methods.items()
+    ]
     return fill_ratios(rows, TORCH_SELECT)
 
 
