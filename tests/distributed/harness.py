@@ -9,6 +9,7 @@ in the test. ``fn`` must be importable (defined at module level).
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import traceback
 
@@ -30,6 +31,12 @@ def _main(rank: int, world: int, folder: str, fn, args) -> None:
         torch.save({"ok": result}, out)
     except BaseException:  # reported to the parent, which raises
         torch.save({"error": traceback.format_exc()}, out)
+    # The result is on disk: leave without the interpreter's finalization, during which gloo's
+    # worker threads can still hold tensors and abort the process now and then ("terminate called
+    # without an active exception", SIGABRT; pytorch/pytorch PR 179291 describes the race).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run(world: int, fn, *args) -> list:
