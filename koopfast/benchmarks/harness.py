@@ -149,6 +149,26 @@ def measure(
     (:func:`peak_extra_bytes`). ``note`` may be a function of the peak bytes (None if unknown)."""
     t = time_fn(fn, device, repeat=repeat, warmup=warmup)
     peak = peak_extra_bytes(fn, device)
+    return row_of(
+        t, peak, family=family, case=case, method=method, n=n, device=device, bytes_moved=bytes_moved,
+        note=note(peak) if callable(note) else note, extra=extra,
+    )
+
+
+def row_of(
+    t: Timing,
+    peak: int | None,
+    *,
+    family: str,
+    case: str,
+    method: str,
+    n: int,
+    device: torch.device,
+    bytes_moved: int = 0,
+    note: str = "",
+    extra: dict[str, Any] | None = None,
+) -> Row:
+    """A Row from a measured time and peak (bytes, or None)."""
     return Row(
         family=family,
         case=case,
@@ -159,7 +179,7 @@ def measure(
         min_ms=t.min_s * 1e3,
         bytes_moved=bytes_moved,
         peak_extra_mb=None if peak is None else peak / 2**20,
-        note=note(peak) if callable(note) else note,
+        note=note,
         extra=dict(extra or {}),
     )
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
 import koopfast as kf
-from koopfast.benchmarks.harness import Row, fill_ratios, peak_extra_bytes, time_fn
+from koopfast.benchmarks.harness import Row, fill_ratios, peak_extra_bytes, row_of, time_fn
 from koopfast.benchmarks.select import model_like
 
 APPLY_BASELINE = "loop p.mul_(mask)"
@@ -370,17 +370,7 @@ def storage_sizes(n: int = 10**7, tensors: int = 200, sparsity: float = 0.9) -> 
 
 
 def _row(family, case, method, n, device, t, moved, peak) -> Row:
-    return Row(
-        family=f"masks/{family}",
-        case=case,
-        method=method,
-        n=n,
-        device=device.type,
-        median_ms=t.median_s * 1e3,
-        min_ms=t.min_s * 1e3,
-        bytes_moved=moved,
-        peak_extra_mb=None if peak is None else peak / 2**20,
-    )
+    return row_of(t, peak, family=f"masks/{family}", case=case, method=method, n=n, device=device, bytes_moved=moved)
 
 
 def run(device: torch.device, *, quick: bool = False, repeat: int | None = None) -> list[Row]:

@@ -352,7 +352,7 @@ def gradient_flow(
             elif hvp == "finite_difference":
                 run = _replicated_fd_sums(model, loss_fn, scored, grad, fn)
                 hg, step_used, error = _finite_difference(
-                    run, batches, scored, grad, samples, fd_step, fd_tol, layout, _all_reduce_sums, fn
+                    run, batches, scored, grad, samples, fd_step, fd_tol, layout, fn
                 )
     return GradientFlow(
         params={n: p.detach().clone() for n, p in scored.items()},  # θ as scored: the model may train on
@@ -546,7 +546,7 @@ def _sq_norm(tensors: Iterable[Tensor]) -> float:
     return math.fsum(sq_norm(kf_dist.local(t).detach()) for t in tensors)
 
 
-def _finite_difference(run, batches, params, grad, samples, step, tol, layout, reduce, fn):
+def _finite_difference(run, batches, params, grad, samples, step, tol, layout, fn):
     """Hḡ ≈ (∇L(θ + hḡ) − ∇L(θ − hḡ)) / 2h with the step given, or chosen by the self-check
     (see gradient_flow's ``fd_step``). Returns (Hḡ, the step, the estimated relative error or None)."""
     sharded = layout is not None and layout.sharded
@@ -567,8 +567,8 @@ def _finite_difference(run, batches, params, grad, samples, step, tol, layout, r
                 "hvp='exact', or pass fd_step= (and check the result against hvp='exact' yourself)"
             )
     total, _ = run(step, batches)
-    if not sharded:
-        reduce(list(total.values()), layout)
+    if not sharded:  # replicated: each process summed its own batches (sharded: FSDP's backward did)
+        _all_reduce_sums(list(total.values()), layout)
     return {n: t / (2 * step * samples) for n, t in total.items()}, float(step), error
 
 
@@ -701,7 +701,7 @@ def _sharded_operands(model, loss_fn, batches, params, hvp, fisher, fd_step, fd_
         hg = step = error = None
         if hvp == "finite_difference":
             run = _sharded_fd_sums(model, loss_fn, params, everything, grad, layout, fn)
-            hg, step, error = _finite_difference(run, batches, params, grad, samples, fd_step, fd_tol, layout, None, fn)
+            hg, step, error = _finite_difference(run, batches, params, grad, samples, fd_step, fd_tol, layout, fn)
     finally:
         for p, g in zip(everything, saved):
             p.grad = g
