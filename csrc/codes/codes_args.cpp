@@ -83,10 +83,7 @@ HammingInputs prepare_hamming(const char* op, at::TensorList a, at::TensorList b
 // The dispatcher routes both here (see csrc/select/select_args.cpp): fail with the reason.
 namespace {
 
-[[noreturn]] void no_kernel(const char* op, const at::Tensor& t) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "koopfast::", op, ": no kernel for tensors on ", t.device(),
-                              " in this build of koopfast (see koopfast.build_info()['backends'])");
-}
+[[noreturn]] void no_kernel(const char* op, const at::Tensor& t) { no_kernel_for(op, t.device()); }
 
 at::Tensor sign_codes_no_kernel(const at::Tensor& x, int64_t) { no_kernel("sign_codes", x); }
 

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/tensor_view.h"
+
 namespace koopfast {
 
 constexpr int64_t kChunkElems = int64_t{1} << 16;
@@ -29,6 +31,14 @@ inline std::vector<Chunk> make_chunks(const std::vector<int64_t>& numels, int64_
     }
   }
   return chunks;
+}
+
+// The same chunks over tensor views (their logical sizes).
+inline std::vector<Chunk> make_chunks(const std::vector<TensorView>& views, int64_t chunk_elems = kChunkElems) {
+  std::vector<int64_t> numels;
+  numels.reserve(views.size());
+  for (const auto& v : views) numels.push_back(v.numel);
+  return make_chunks(numels, chunk_elems);
 }
 
 }  // namespace koopfast

@@ -12,7 +12,7 @@
 #include <type_traits>
 
 #include "common/tensor_view.h"
-#include "select/select.h"
+#include "common/score.h"
 
 namespace koopfast {
 

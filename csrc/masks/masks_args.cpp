@@ -15,9 +15,6 @@
 namespace koopfast {
 namespace {
 
-bool is_float(c10::ScalarType t) {
-  return t == c10::kHalf || t == c10::kBFloat16 || t == c10::kFloat || t == c10::kDouble;
-}
 
 void check_device(const char* op, const c10::Device& device, const at::Tensor& t, const char* arg, size_t i,
                   const char* first) {
@@ -130,7 +127,7 @@ MaskLists prepare_apply(const char* op, at::TensorList targets, at::TensorList m
   for (const auto& m : masks) mask_views.push_back(make_view(m, op, "masks", in.keep_alive));
   for (size_t i = 0; i < targets.size(); ++i) {
     const at::Tensor& t = targets[i];
-    KF_CHECK_TYPE(is_float(t.scalar_type()), op, "expected targets[", i,
+    KF_CHECK_TYPE(is_floating(t.scalar_type()), op, "expected targets[", i,
                   "] to be float16, bfloat16, float32 or float64, got ", t.scalar_type());
     check_device(op, device, t, "targets", i, "targets[0]");
     KF_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, "expected targets[", i,
@@ -167,10 +164,7 @@ MaskLists prepare_apply(const char* op, at::TensorList targets, at::TensorList m
 // on a device without a kernel get the reason instead of a dispatcher dump.
 namespace {
 
-void no_kernel(const char* op, const at::Tensor& first) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "koopfast::", op, ": no kernel for tensors on ", first.device(),
-                              " in this build of koopfast (see koopfast.build_info()['backends'])");
-}
+[[noreturn]] void no_kernel(const char* op, const at::Tensor& first) { no_kernel_for(op, first.device()); }
 
 std::vector<at::Tensor> pack_masks_no_kernel(at::TensorList masks) {
   if (!masks.empty()) no_kernel("pack_masks", masks[0]);

@@ -22,9 +22,6 @@ ScoreKind parse_score(const char* op, std::string_view s) {
   return ScoreKind::Value;
 }
 
-bool is_float(c10::ScalarType t) {
-  return t == c10::kHalf || t == c10::kBFloat16 || t == c10::kFloat || t == c10::kDouble;
-}
 
 }  // namespace
 
@@ -42,7 +39,7 @@ SelectInputs prepare_select_inputs(const char* op, at::TensorList a, at::TensorL
   }
   const c10::Device device = a[0].device();
   for (size_t i = 0; i < a.size(); ++i) {
-    KF_CHECK_TYPE(is_float(a[i].scalar_type()), op, "expected a[", i,
+    KF_CHECK_TYPE(is_floating(a[i].scalar_type()), op, "expected a[", i,
                   "] to be float16, bfloat16, float32 or float64, got ", a[i].scalar_type());
     KF_CHECK_VALUE(a[i].device() == device, op, "expected all tensors on one device, got a[0] on ", device, " and a[",
                    i, "] on ", a[i].device());
@@ -83,8 +80,7 @@ namespace {
 
 [[noreturn]] void no_kernel(const char* op, at::TensorList a) {
   KF_CHECK_VALUE(!a.empty(), op, "expected a to be a non-empty list of tensors, got an empty list");
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "koopfast::", op, ": no kernel for tensors on ", a[0].device(),
-                              " in this build of koopfast (see koopfast.build_info()['backends'])");
+  no_kernel_for(op, a[0].device());
 }
 
 std::tuple<at::Tensor, at::Tensor> select_threshold_no_kernel(at::TensorList a, at::TensorList, std::string_view,

@@ -39,13 +39,6 @@ constexpr int64_t kSmallInput = int64_t{1} << 18;
 constexpr int64_t kSampleMinInput = int64_t{1} << 18;  // below this, no sampling
 constexpr int64_t kSampleSize = 8192;
 
-std::vector<int64_t> numels_of(const SelectInputs& in) {
-  std::vector<int64_t> n;
-  n.reserve(in.a.size());
-  for (const auto& v : in.a) n.push_back(v.numel);
-  return n;
-}
-
 const TensorView* b_of(const SelectInputs& in, int64_t t) { return in.b.empty() ? nullptr : &in.b[t]; }
 
 template <class C>
@@ -53,7 +46,7 @@ class CpuSelect {
  public:
   using K = typename KeyOf<C>::type;
 
-  explicit CpuSelect(const SelectInputs& in) : in_(in), chunks_(make_chunks(numels_of(in))) {}
+  explicit CpuSelect(const SelectInputs& in) : in_(in), chunks_(make_chunks(in.a)) {}
 
   // Fills threshold (0-dim C) and stats (int64[kNumSelectStats]).
   void run(int64_t k, C* threshold, int64_t* stats) {
@@ -244,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor> select_threshold_cpu(at::TensorList a, at::Te
 
 template <class C>
 void mask_cpu(const SelectInputs& in, C thr, int64_t n_equal, int64_t ties_kept, std::vector<at::Tensor>& masks) {
-  const auto chunks = make_chunks(numels_of(in));
+  const auto chunks = make_chunks(in.a);
   const bool keep_all_ties = ties_kept == n_equal;
   std::vector<int64_t> chunk_ties(keep_all_ties ? 0 : chunks.size(), 0);
   std::vector<bool*> out(masks.size());

@@ -143,17 +143,11 @@ __global__ void select_finalize_kernel(const DeviceSelectState<typename KeyOf<C>
   stats[kNanTensor] = -1;
 }
 
-std::vector<int64_t> numels_of(const SelectInputs& in) {
-  std::vector<int64_t> n;
-  for (const auto& v : in.a) n.push_back(v.numel);
-  return n;
-}
-
 template <class C>
 void select_cuda(const SelectInputs& in, int64_t k, const at::Tensor& like, at::Tensor& threshold, at::Tensor& stats) {
   using K = typename KeyOf<C>::type;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const UploadedTable up = upload_table(in.a, in.b, make_chunks(numels_of(in)), {}, like.device());
+  const UploadedTable up = upload_table(in.a, in.b, make_chunks(in.a), {}, like.device());
   const DeviceTable& t = up.table;
   // Workspace: the state, then the global histogram (both 8-byte aligned).
   constexpr int64_t state_words = (sizeof(DeviceSelectState<K>) + 7) / 8;
@@ -273,7 +267,7 @@ void mask_cuda(const SelectInputs& in, const at::Tensor& threshold, const at::Te
   auto stream = c10::cuda::getCurrentCUDAStream();
   std::vector<void*> out;
   for (auto& m : masks) out.push_back(m.data_ptr());
-  const UploadedTable up = upload_table(in.a, in.b, make_chunks(numels_of(in)), out, threshold.device());
+  const UploadedTable up = upload_table(in.a, in.b, make_chunks(in.a), out, threshold.device());
   const DeviceTable& t = up.table;
   at::Tensor ties = at::empty({2 * std::max<int64_t>(t.num_chunks, 1)}, threshold.options().dtype(c10::kLong));
   auto* chunk_ties = reinterpret_cast<long long*>(ties.data_ptr<int64_t>());

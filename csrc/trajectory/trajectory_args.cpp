@@ -78,10 +78,7 @@ void check_vectors(const char* op, const at::Tensor& vectors, const at::Tensor& 
 // Devices without a kernel: a clear error instead of a dispatcher dump.
 namespace {
 
-[[noreturn]] void no_kernel(const char* op, const at::Tensor& snapshots) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "koopfast::", op, ": no kernel for tensors on ", snapshots.device(),
-                              " in this build of koopfast (see koopfast.build_info()['backends'])");
-}
+[[noreturn]] void no_kernel(const char* op, const at::Tensor& snapshots) { no_kernel_for(op, snapshots.device()); }
 
 std::tuple<at::Tensor, at::Tensor> ingest_no_kernel(at::TensorList, at::Tensor& snapshots, int64_t, at::IntArrayRef,
                                                     const c10::optional<at::Tensor>&) {

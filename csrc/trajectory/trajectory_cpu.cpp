@@ -28,12 +28,6 @@ namespace {
 
 constexpr int64_t kBlock = 8192;  // elements per inner block: 64 KB of float64 (L2), 32 KB runs per row
 
-std::vector<int64_t> numels_of(const std::vector<TensorView>& views) {
-  std::vector<int64_t> n;
-  for (const auto& v : views) n.push_back(v.numel);
-  return n;
-}
-
 // The value stored for θ: round_S(θ - a), the difference taken in float64 and rounded through
 // float32 (as torch's double -> half/bfloat16 conversion does).
 template <class S>
@@ -88,7 +82,7 @@ bool stage(const TensorView& view, int64_t begin, int64_t m, const float* anchor
 
 template <class S>
 void ingest_cpu(const IngestInputs& in, S* W, const float* anchor, double* dots, int64_t* status) {
-  const auto chunks = make_chunks(numels_of(in.params), kIngestChunk);
+  const auto chunks = make_chunks(in.params, kIngestChunk);
   const int64_t nd = static_cast<int64_t>(in.dot_slots.size());
   const int64_t n = in.n;
   S* new_row = W + in.slot * n;

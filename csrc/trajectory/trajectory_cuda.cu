@@ -32,12 +32,6 @@ constexpr int kThreads = 256;
 constexpr int64_t kCudaIngestChunk = 8192;  // staged in shared memory as float: 32 KB
 using Reduce = cub::BlockReduce<double, kThreads>;
 
-std::vector<int64_t> numels_of(const std::vector<TensorView>& views) {
-  std::vector<int64_t> n;
-  for (const auto& v : views) n.push_back(v.numel);
-  return n;
-}
-
 template <class P>
 __device__ KF_INLINE double load_param(const TensorView& v, int64_t i) {
   const P* p = static_cast<const P*>(v.data);
@@ -149,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> trajectory_ingest_cuda(at::TensorList params,
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t nd = static_cast<int64_t>(in.dot_slots.size());
   const int64_t width = nd + kNumExtraDots;
-  const auto chunks = make_chunks(numels_of(in.params), kCudaIngestChunk);
+  const auto chunks = make_chunks(in.params, kCudaIngestChunk);
   const UploadedTable up = upload_table(in.params, {}, chunks, {}, snapshots.device());
 
   // Small int64 side tables (offsets, dot slots) in one device tensor.
