@@ -7,9 +7,10 @@ from koopfast._loader import load_extension as _load_extension
 
 _C = _load_extension()
 
-from koopfast import criteria, earlybird, masks, ops, prunable, prune, reference, structure  # noqa: E402  (after the core)
+from koopfast import criteria, earlybird, masks, ops, prunable, prune, reference, scores, structure  # noqa: E402  (after the core)
 from koopfast.dmd import DMD  # noqa: E402
 from koopfast.earlybird import EarlyBird  # noqa: E402
+from koopfast.scores import ScoreMap  # noqa: E402
 from koopfast.trajectory import TrajectoryRecorder  # noqa: E402
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ def build_info() -> dict:
 __all__ = [
     "DMD",
     "EarlyBird",
+    "ScoreMap",
     "TrajectoryRecorder",
     "__version__",
     "build_info",
@@ -35,5 +37,6 @@ __all__ = [
     "prunable",
     "prune",
     "reference",
+    "scores",
     "structure",
 ]

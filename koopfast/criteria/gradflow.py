@@ -503,6 +503,7 @@ def _hvp_exact_passes(model, loss_fn, batches, params, grad, samples, layout, fn
 
 # ---- finite-difference Hḡ --------------------------------------------------------------------------
 
+
 def _replicated_fd_sums(model, loss_fn, params, grad, fn):
     """run(h, batches): Σ_b w_b (∇L_b(θ + hḡ) − ∇L_b(θ − hḡ)) over the given batches, and Σ_b w_b."""
 

@@ -16,15 +16,21 @@ from __future__ import annotations
 import torch
 
 from koopfast.dmd import DMD
+from koopfast.scores import ScoreMap
 
 __all__ = ["KoopmanScores", "koopman_gradient", "koopman_magnitude"]
 
 
-class KoopmanScores(dict):
-    """dict name -> score tensor (float32, parameter shapes, higher = keep), with ``info``: the
-    modes used ("modes"), their eigenvalues, distances |λ − 1| and residuals."""
+class KoopmanScores(ScoreMap):
+    """Scores name -> tensor (float32, parameter shapes, higher = keep) with ``info``: the modes
+    used ("modes"), their eigenvalues ("eigenvalues"), distances |λ − 1| ("distance") and
+    residuals ("residuals")."""
 
     info: dict
+
+    def __init__(self, scores=(), *, criterion: str = "", info: dict | None = None):
+        super().__init__(scores, criterion=criterion)
+        self.info = info or {}
 
 
 def _checked(kmd: DMD, fn: str) -> DMD:
@@ -44,9 +50,7 @@ def koopman_magnitude(kmd: DMD, *, disc: float | None = None) -> KoopmanScores:
     if disc is not None:
         c = c.real.contiguous()  # the disc is closed under conjugation: the sum is real
     flat = kmd._combine(c)[0].abs()
-    scores = KoopmanScores(kmd._recorder.unflatten(flat))
-    scores.info = _info(kmd, idx)
-    return scores
+    return KoopmanScores(kmd._recorder.unflatten(flat), criterion="koopman_magnitude", info=_info(kmd, idx))
 
 
 def koopman_gradient(kmd: DMD) -> KoopmanScores:
@@ -59,9 +63,9 @@ def koopman_gradient(kmd: DMD) -> KoopmanScores:
     last[-1] = 1.0
     both = kmd._combine(torch.cat([update, last], dim=1).contiguous())  # [2, N]: update, θ(t)
     flat = (both[0] * both[1]).abs()
-    scores = KoopmanScores(kmd._recorder.unflatten(flat))
-    scores.info = _info(kmd, list(range(lam.numel())))
-    return scores
+    return KoopmanScores(
+        kmd._recorder.unflatten(flat), criterion="koopman_gradient", info=_info(kmd, list(range(lam.numel())))
+    )
 
 
 def _info(kmd: DMD, idx: list[int]) -> dict:

@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import Tensor
 
 from koopfast.prunable import ParamSource, entries
+from koopfast.scores import ScoreMap
 
 
 def magnitude(
     model_or_params: ParamSource, *, granularity: Literal["unstructured", "filter"] = "unstructured", p: int = 2
-) -> dict[str, Tensor]:
+) -> ScoreMap:
     """Scores of each prunable tensor (a model's, by :mod:`koopfast.prunable`'s rule, or the given
     named tensors), on their devices, keyed by canonical name.
 
@@ -31,9 +31,8 @@ def magnitude(
     params = entries(model_or_params, fn=fn)
     with torch.no_grad():
         if granularity == "unstructured":
-            return {name: e.tensor.detach().abs() for name, e in params.items()}
-        return {
-            name: e.units.rows(e.tensor.detach()).norm(p=p, dim=1)
-            for name, e in params.items()
-            if e.scored_per_unit
+            return ScoreMap({name: e.tensor.detach().abs() for name, e in params.items()}, criterion="magnitude")
+        per_unit = {
+            name: e.units.rows(e.tensor.detach()).norm(p=p, dim=1) for name, e in params.items() if e.scored_per_unit
         }
+        return ScoreMap(per_unit, criterion=f"magnitude (filter, p={p})")

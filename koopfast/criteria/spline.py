@@ -37,6 +37,7 @@ from koopfast._probe import Probe, check_probe, first_batch, model_device, recor
 from koopfast._spline_layers import SplineLayer, registered_spline_layers, traced_spline_layers, unit_major_weight
 from koopfast.masks import keep_count, structured_topk
 from koopfast.prunable import is_hf_conv1d
+from koopfast.scores import ScoreMap
 
 __all__ = ["SplineScores", "fold_batchnorm", "spline_redundancy"]
 
@@ -93,7 +94,7 @@ def _fold(layer: nn.Module, bn: nn.Module | None, fn: str, what: str) -> tuple[T
     return w, b
 
 
-class SplineScores(dict):
+class SplineScores(ScoreMap):
     """Per-unit redundancy scores, ``dict[weight name -> float64 Tensor[units]]`` (higher = keep),
     with the greedy removal behind them.
 
@@ -130,8 +131,8 @@ class SplineScores(dict):
         distances: dict[str, Tensor] | None = None,
         bn_names: dict[str, str | None] | None = None,
         skipped: dict[str, str] | None = None,
-    ):  # defaults only so that copy.copy / pickle can rebuild it (they restore the attributes)
-        super().__init__(scores)
+    ):
+        super().__init__(scores, criterion="spline_redundancy")
         self.measure, self.policy = measure, policy
         self.ranks, self.flat, self.on_fraction = ranks or {}, flat or {}, on_fraction
         self.distances, self.bn_names = distances or {}, bn_names or {}
