@@ -3,6 +3,8 @@
 Importing koopfast loads its compiled core (registering ``torch.ops.koopfast``) after torch.
 """
 
+from typing import Any
+
 from koopfast._loader import load_extension as _load_extension
 
 _C = _load_extension()
@@ -16,7 +18,7 @@ from koopfast.trajectory import TrajectoryRecorder  # noqa: E402
 __version__ = "0.1.0"
 
 
-def build_info() -> dict:
+def build_info() -> dict[str, Any]:
     """What the compiled core was built with: ``backends`` (``["cpu"]`` or ``["cpu", "cuda"]``),
     ``openmp`` (the ``_OPENMP`` date or None), ``cuda_version``, ``cuda_archs`` (CMake's list),
     ``torch_version`` (must equal ``torch.__version__``) and ``compiler``."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -34,12 +35,12 @@ except ImportError:  # torch built without distributed support
 class Layout:
     """How this process's tensors sit in the single-process order of all of them."""
 
-    group: object  # a ProcessGroup; dist.group.WORLD when given as None with sharded tensors
+    group: Any  # a ProcessGroup; dist.group.WORLD when given as None with sharded tensors
     rank: int
     world: int
     sharded: bool  # True: DTensor Shard(0) pieces of every tensor; False: a partition by rank
-    mesh: object = None
-    placements: tuple = ()
+    mesh: Any = None
+    placements: tuple[Any, ...] = ()
 
     def segment_order(self, counts_by_rank: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
         """(rank, local index) of every local tensor of every rank, in single-process order."""
@@ -62,7 +63,7 @@ class Layout:
         return local
 
 
-def _is_dtensor(t) -> bool:
+def _is_dtensor(t: object) -> TypeGuard[DTensor]:
     return DTensor is not None and isinstance(t, DTensor)
 
 
@@ -70,13 +71,13 @@ def any_dtensor(tensors: Sequence[Tensor]) -> bool:
     return any(_is_dtensor(t) for t in tensors)
 
 
-def resolve(tensors: Sequence[Tensor], process_group, fn: str) -> Layout | None:
+def resolve(tensors: Sequence[Tensor], process_group: Any, fn: str) -> Layout | None:
     """The layout of ``tensors`` across processes, or None for a single process's computation.
 
     DTensors are detected (all must be ``Shard(0)`` on the same one-dimensional mesh); plain
     tensors are a partition when ``process_group`` is given. Raises naming ``fn`` otherwise.
     """
-    dtensors = [t for t in tensors if _is_dtensor(t)]
+    dtensors: list[DTensor] = [t for t in tensors if _is_dtensor(t)]
     if dtensors:
         if len(dtensors) != len(tensors):
             raise ValueError(f"{fn}: expected either all tensors or none to be DTensors, got a mix")

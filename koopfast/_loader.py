@@ -21,7 +21,7 @@ def _installed_elsewhere() -> Path | None:
     checkout on sys.path before the installed package shadows it)."""
     here = Path(__file__).resolve().parent
     try:
-        installed = Path(importlib.metadata.distribution("koopfast").locate_file("koopfast")).resolve()
+        installed = Path(str(importlib.metadata.distribution("koopfast").locate_file("koopfast"))).resolve()
     except importlib.metadata.PackageNotFoundError:
         return None
     complete = (installed / "__init__.py").exists() and (installed / "_build_config.py").exists()  # not editable

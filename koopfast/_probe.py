@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -83,7 +84,7 @@ class HookError(ValueError):
     """An error raised by one of koopfast's own hooks during a probe pass: passed on as it is."""
 
 
-def run_model(model: nn.Module, x: Tensor, *, fn: str, batch: Tensor | None = None) -> Tensor | object:
+def run_model(model: nn.Module, x: Tensor, *, fn: str, batch: Tensor | None = None) -> Any:
     """model(x), with the model's own error turned into one that names the probe batch (``batch``,
     if x is a part of it)."""
     try:
@@ -99,7 +100,7 @@ def run_model(model: nn.Module, x: Tensor, *, fn: str, batch: Tensor | None = No
 
 
 @contextlib.contextmanager
-def forward_hooks(hooks: dict[nn.Module, Callable]) -> Iterator[None]:
+def forward_hooks(hooks: dict[nn.Module, Callable[..., Any]]) -> Iterator[None]:
     handles = [m.register_forward_hook(h) for m, h in hooks.items()]
     try:
         yield
@@ -138,10 +139,10 @@ def record_codes(model: nn.Module, targets: dict[str, nn.Module], probe: Probe, 
     blocks: dict[str, list[Tensor]] = {name: [] for name in targets}
     bits = dict.fromkeys(targets, 0)
 
-    def hook_for(name: str, module: nn.Module):
+    def hook_for(name: str, module: nn.Module) -> Callable[..., None]:
         dim = unit_dim(module)
 
-        def hook(_module, _inputs, output):
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             if not isinstance(output, Tensor) or output.dim() < 2:
                 got = f"shape {list(output.shape)}" if isinstance(output, Tensor) else type(output).__name__
                 raise HookError(

@@ -124,6 +124,12 @@ class Prunable:
         t = self.tensor
         return self.units is not None and t.dim() >= 2 and self.units.count(t.shape) > 0
 
+    def unit_rows(self, like: Tensor) -> Tensor:
+        """``like`` (a tensor shaped as this one, e.g. its scores) as [units, entries per unit]."""
+        if self.units is None:
+            raise ValueError(f"koopfast.prunable.Prunable.unit_rows: {self.name!r} (0-dim) has no output units")
+        return self.units.rows(like)
+
 
 @dataclass(frozen=True)
 class Coverage:
@@ -251,6 +257,7 @@ def coverage(model: nn.Module, *, embeddings: bool = False, include_bias: bool =
         if embedding is not None:  # embeddings=True: units of the table, whatever shares it
             module_name, module, attr = embedding[0], embedding[1], "weight"
         else:
+            assert layer is not None  # why is set whenever no layer was found
             module_name, module, attr = layer
         bias_attr = _bias_attr(module, attr) if include_bias else None
         bias_name = None
@@ -332,7 +339,8 @@ def resolve_names(model: nn.Module, names: Iterable[str], *, fn: str, what: str 
     """Canonical names for ``names`` (aliases accepted). Raises ValueError for a name that is not a
     parameter of ``model`` and for two names of one tensor."""
     known = aliases(model)
-    out, first = [], {}
+    out: list[str] = []
+    first: dict[str, str] = {}
     unknown = []
     for n in names:
         c = known.get(str(n))

@@ -54,9 +54,9 @@ Normalize = Literal["mean", "max"] | None
 NORMALIZERS = (None, "mean", "max")
 
 
-def _torch_pruning(fn: str):
+def _torch_pruning(fn: str) -> Any:
     try:
-        import torch_pruning
+        import torch_pruning  # type: ignore[import-untyped]  # it ships no type information
     except ImportError as exc:
         raise ImportError(
             f"{fn}: needs Torch-Pruning for the dependency graph: pip install torch-pruning (koopfast's optional "
@@ -87,7 +87,7 @@ class ChannelGroup:
     members: tuple[GroupMember, ...]
 
 
-def _check_traceable(model, fn: str) -> None:
+def _check_traceable(model: object, fn: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: expected model to be an nn.Module, got {type(model).__name__}")
     conv1d = [n for n, m in model.named_modules() if is_hf_conv1d(m)]
@@ -99,7 +99,14 @@ def _check_traceable(model, fn: str) -> None:
         )
 
 
-def _trace(model, example_inputs, ignored_layers, output_transform, forward_fn, fn):
+def _trace(
+    model: nn.Module,
+    example_inputs: Any,
+    ignored_layers: Iterable[nn.Module],
+    output_transform: Callable[[Any], Tensor] | None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None,
+    fn: str,
+) -> tuple[Any, Any, list[Any]]:
     tp = _torch_pruning(fn)
     _check_traceable(model, fn)
     graph = tp.DependencyGraph().build_dependency(
@@ -114,8 +121,8 @@ def channel_groups(
     example_inputs: Any,
     *,
     ignored_layers: Iterable[nn.Module] = (),
-    output_transform: Callable | None = None,
-    forward_fn: Callable | None = None,
+    output_transform: Callable[[Any], Tensor] | None = None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
 ) -> list[ChannelGroup]:
     """The groups of coupled output channels of ``model``, traced by Torch-Pruning on
     ``example_inputs``. ``ignored_layers`` (for example the classifier) are not grouped from;
@@ -126,7 +133,7 @@ def channel_groups(
     return [_group(model, graph, g) for g in groups]
 
 
-def _group(model: nn.Module, graph, group) -> ChannelGroup:
+def _group(model: nn.Module, graph: Any, group: Any) -> ChannelGroup:
     module_names = {id(m): n for n, m in model.named_modules()}
     canonical = aliases(model)
     channels = len(group[0].idxs)
@@ -153,14 +160,14 @@ def _group(model: nn.Module, graph, group) -> ChannelGroup:
     return ChannelGroup(root, channels, tuple(members))
 
 
-def _check_reduction(reduction: str, normalize, fn: str) -> None:
+def _check_reduction(reduction: str, normalize: Normalize, fn: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"{fn}: expected reduction to be one of {REDUCTIONS}, got {reduction!r}")
     if normalize not in NORMALIZERS:
         raise ValueError(f"{fn}: expected normalize to be one of {NORMALIZERS}, got {normalize!r}")
 
 
-def _normalized(scores: Tensor, normalize) -> Tensor:
+def _normalized(scores: Tensor, normalize: Normalize) -> Tensor:
     """A group's channel scores divided by their mean or max: global ranking then compares each
     channel with its own group, not raw scales (whose differences between layers can make a
     global threshold remove whole layers)."""
@@ -170,7 +177,9 @@ def _normalized(scores: Tensor, normalize) -> Tensor:
     return scores / scale if float(scale) > 0 else scores
 
 
-def _channel_scores(members, unit_scores: Mapping[str, Tensor], channels: int, reduction: str, fn: str):
+def _channel_scores(
+    members: Sequence[GroupMember], unit_scores: Mapping[str, Tensor], channels: int, reduction: str, fn: str
+) -> Tensor | None:
     """The group's channel scores: the reduction over its scored members (None if none is)."""
     parts = []
     for m in members:
@@ -209,8 +218,8 @@ def coupled_masks(
     reduction: Reduction = "sum",
     normalize: Normalize = None,
     ignored_layers: Iterable[nn.Module] = (),
-    output_transform: Callable | None = None,
-    forward_fn: Callable | None = None,
+    output_transform: Callable[[Any], Tensor] | None = None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
 ) -> dict[str, Tensor]:
     """Structured masks over coupled channel groups (see the module docstring).
 
@@ -298,7 +307,7 @@ class UnitImportance:
         self._reduction = reduction
         self._normalize = normalize
 
-    def __call__(self, group) -> Tensor | None:
+    def __call__(self, group: Any) -> Tensor | None:
         channels = len(group[0].idxs)
         parts = []
         for i, (dep, idxs) in enumerate(group):
@@ -336,7 +345,7 @@ def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
             continue
         for names in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value")):
             q, k, v = (getattr(module, n, None) for n in names)
-            if all(isinstance(x, nn.Linear) for x in (q, k, v)):
+            if isinstance(q, nn.Linear) and isinstance(k, nn.Linear) and isinstance(v, nn.Linear):
                 kv = getattr(module, "num_key_value_heads", heads)
                 out[q], out[k], out[v] = heads, kv, kv
                 break
@@ -366,9 +375,9 @@ def prune_channels(
     reduction: Reduction = "sum",
     normalize: Normalize = "mean",
     ignored_layers: Sequence[nn.Module] = (),
-    output_transform: Callable | None = None,
-    forward_fn: Callable | None = None,
-    **pruner_options,
+    output_transform: Callable[[Any], Tensor] | None = None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    **pruner_options: Any,
 ) -> ChannelPruning:
     """Physically remove channels (and, with ``num_heads``/``prune_num_heads``, attention heads) from
     ``model`` in place, chosen by koopfast per-unit scores: Torch-Pruning's ``MetaPruner`` with
@@ -386,7 +395,7 @@ def prune_channels(
         raise ValueError(f"{fn}: expected sparsity in [0, 1), got {sparsity!r}")
     _check_traceable(model, fn)
     importance = UnitImportance(unit_scores, model, reduction=reduction, normalize=normalize)
-    before_units = {n: _out_units(m) for n, m in model.named_modules() if _out_units(m) is not None}
+    before_units = {n: u for n, m in model.named_modules() if (u := _out_units(m)) is not None}
     before = sum(p.numel() for p in model.parameters())
     options = {"global_pruning": True, **pruner_options}
     pruner = tp.pruner.MetaPruner(
@@ -400,7 +409,7 @@ def prune_channels(
         **options,
     )
     pruner.step()
-    after_units = {n: _out_units(m) for n, m in model.named_modules() if n in before_units}
+    after_units = {n: _out_units(m) or 0 for n, m in model.named_modules() if n in before_units}
     changed = {n: (before_units[n], after_units[n]) for n in before_units if after_units[n] != before_units[n]}
     return ChannelPruning(before, sum(p.numel() for p in model.parameters()), changed)
 

@@ -33,6 +33,6 @@ def magnitude(
         if granularity == "unstructured":
             return ScoreMap({name: e.tensor.detach().abs() for name, e in params.items()}, criterion="magnitude")
         per_unit = {
-            name: e.units.rows(e.tensor.detach()).norm(p=p, dim=1) for name, e in params.items() if e.scored_per_unit
+            name: e.unit_rows(e.tensor.detach()).norm(p=p, dim=1) for name, e in params.items() if e.scored_per_unit
         }
         return ScoreMap(per_unit, criterion=f"magnitude (filter, p={p})")

@@ -43,6 +43,7 @@ def per_unit(
     with torch.no_grad():
         for name, s in scores.items():
             e = layout[name]
+            assert e is not None  # unknown names raised above
             if not e.scored_per_unit:
                 continue
             if not isinstance(s, Tensor) or s.shape != e.tensor.shape:
@@ -50,7 +51,7 @@ def per_unit(
                 raise ValueError(
                     f"{fn}: expected the scores of {name!r} shaped like it, {list(e.tensor.shape)}, got {got}"
                 )
-            rows = e.units.rows(s.detach())
+            rows = e.unit_rows(s.detach())
             if reduction == "sum":
                 out[name] = rows.sum(1)
             elif reduction == "mean":
