@@ -32,7 +32,7 @@ import importlib.metadata
 import importlib.util
 need = {"scikit_build_core": "scikit-build-core", "pybind11": "pybind11", "ninja": "ninja",
         "numpy": "numpy", "pytest": "pytest", "pytest_benchmark": "pytest-benchmark",
-        "hypothesis": "hypothesis", "ruff": "ruff", "sklearn": "scikit-learn",
+        "hypothesis": "hypothesis", "ruff": "ruff", "mypy": "mypy", "sklearn": "scikit-learn",
         "pydmd": "pydmd",  # PyDMD: the peer the DMD benchmark and tests compare against
         "matplotlib": "matplotlib", "tqdm": "tqdm",  # the command line's plots and progress bars
         # the model zoo (Hugging Face models built from small configs, nothing downloaded) and
