@@ -437,9 +437,7 @@ def _threshold_masks(scales: dict[str, Tensor], prune_ratio: float, *, fn: str) 
     return {n: m > threshold for n, m in magnitudes.items()}  # torch promotion, as their weight.gt(thre)
 
 
-def add_bn_l1_subgradient(
-    model: nn.Module, strength: float = 1e-4, *, preset: MaskPreset = "koopfast"
-) -> None:
+def add_bn_l1_subgradient(model: nn.Module, strength: float = 1e-4, *, preset: MaskPreset = "koopfast") -> None:
     """Adds ``strength * sign(gamma)`` to the gradient of every BatchNorm scale: the L1 penalty on
     BatchNorm scales (network slimming) that You et al. train with before drawing channel masks.
     Call after ``loss.backward()`` and before ``optimizer.step()``.
