@@ -192,7 +192,7 @@ class SplineEarlyBird(EarlyBird):
     - distance between two epochs: the per-layer distances summed in float32 in the order the
       BatchNorms run, divided by the number of layers in float32 (``detect_eb``); a BatchNorm
       that runs twice in one forward pass is refused (their hooks index layers by call count and
-      fail);
+      fail), and so is one that never runs (theirs averages over those that ran);
     - window 3 and eps 0.16 (``detect_eb``'s ``lookback`` and ``thres``): the newest epoch is
       compared with each of the previous 3 and found when their largest distance, a float32, is
       below fl32(0.16) (a float32 comparison);
@@ -201,14 +201,16 @@ class SplineEarlyBird(EarlyBird):
       checkpoint ``EB_{epoch}.pth.tar`` with. (They stop measuring after a detection; ``update()``
       goes on, which changes nothing before it.)
 
-    The counts are exact here, so the preset is bit-identical to their code while each layer has
+    Their probe is one batch; in eval mode a BatchNorm treats each sample alone, so the codes do
+    not depend on how the probe is batched here. The counts are exact, so the preset is
+    bit-identical to their code while each layer has
     fewer than 2**24 coded values (probe samples x channels x positions); above that their float32
     sum of ones rounds, in an order that depends on torch's reduction. The default differs in
     three ways: it codes every ``_BatchNorm`` (BatchNorm3d and SyncBatchNorm too) or, without
     BatchNorm, the traced pre-activations, so that it runs on more models; it computes in float64
-    with exact counts (per-layer distances averaged in float64: within (L + 1) * 2**-24 relative of
-    the preset's, L coded layers, so only a distance that close to eps can decide differently);
-    and it compares with eps in float64.
+    with exact counts (per-layer distances averaged in float64: about (L + 1) * 2**-24 relative from
+    the preset's to first order, L coded layers, so only a distance that close to eps can decide
+    differently; tests/parity allows (L + 2) * 2**-24); and it compares with eps in float64.
     """
 
     _fn = "koopfast.EarlyBird.spline"
