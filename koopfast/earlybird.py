@@ -125,7 +125,8 @@ class EarlyBird(ABC):
 
     @property
     def updates(self) -> int:
-        """The number of measurements made (history entries)."""
+        """The number of measurements (history entries): the ``update()`` calls, plus the one at
+        construction with ``preset="early_bird_tickets"``."""
         return len(self.history)
 
     def update(self) -> bool:

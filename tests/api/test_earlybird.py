@@ -239,8 +239,8 @@ def bn2d_model(gammas: list[float], dtype=torch.float32) -> nn.Module:
     return model
 
 
-def test_early_bird_tickets_preset_measures_the_initial_weights_and_counts_epochs_trained():
-    model = small_cnn()
+def test_early_bird_tickets_preset_measures_the_initial_weights_and_counts_epochs_trained(device):
+    model = small_cnn().to(device)
     detector = kf.EarlyBird.mask_distance(model, 0.5, preset="early_bird_tickets")
     assert detector.history == [None] and detector.updates == 1  # measurement 0: before any training
     default = kf.EarlyBird.mask_distance(model, 0.5)
@@ -289,16 +289,16 @@ def test_early_bird_tickets_distance_is_their_one_minus_same_fraction():
     assert default.distances[1] == [2 / 13]  # the default also counts the BatchNorm1d's 3 channels
 
 
-def test_spline_eb_preset_codes_batchnorm1d_and_2d_in_float32():
-    model = small_cnn()
-    x = probe()
+def test_spline_eb_preset_codes_batchnorm1d_and_2d_in_float32(device):
+    model = small_cnn().to(device)
+    x = probe(device)
     detector = kf.EarlyBird.spline(model, x, preset="spline_eb")
     default = kf.EarlyBird.spline(model, x)
     assert detector.modules == ["1", "4", "8"] and detector.window == 3 and detector.eps == 0.16
     for epoch in range(6):
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(epoch)) * 0.15)
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(epoch)).to(device) * 0.15)
         detector.update()
         default.update()
     for got, want in zip(detector.history[3:], default.history[3:], strict=True):
