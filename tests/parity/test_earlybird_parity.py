@@ -28,6 +28,8 @@ from koopfast import _digits
 
 EPOCHS = 10
 PRUNE = 0.5
+BATCH = 64
+LR = 0.05
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,16 +73,16 @@ def trajectory(make, split: _digits.Split) -> list[dict[str, torch.Tensor]]:
     """State dicts of one training run: the initial weights, then after each epoch (SGD, the L1
     penalty on BatchNorm scales of Early-Bird-Tickets, a learning rate that drops after epoch 4)."""
     model = make()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(0)
     states = [copy.deepcopy(model.state_dict())]
     for epoch in range(EPOCHS):
         for group in opt.param_groups:
-            group["lr"] = 0.05 if epoch < 4 else 0.005
+            group["lr"] = LR if epoch < 4 else LR / 10
         model.train()
         order = torch.randperm(len(split.y_train), generator=gen)
-        for i in range(0, len(order), 64):
-            idx = order[i : i + 64]
+        for i in range(0, len(order), BATCH):
+            idx = order[i : i + BATCH]
             opt.zero_grad()
             nn.functional.cross_entropy(model(split.x_train[idx]), split.y_train[idx]).backward()
             kf.earlybird.add_bn_l1_subgradient(model, 1e-4, preset="early_bird_tickets")
@@ -143,6 +145,7 @@ def test_early_bird_tickets_preset_matches_the_transcription_on_a_convnet(runs):
     assert detector.distances == [h or [] for h in history]  # bit for bit
     assert detector.history == [None if h is None else max(h) for h in history]
     assert found is not None and detector.epoch == found  # the epochs trained when found: their printed epoch
+    assert found > 4  # not merely the first full window: the distances decided
     model.load_state_dict(states[-1])
     last = torch.cat(list(kf.EarlyBird.mask_distance(model, PRUNE, preset="early_bird_tickets").masks().values()))
     assert torch.equal(last, masks[-1])
@@ -237,6 +240,7 @@ def test_spline_eb_preset_matches_the_transcription(runs, split, name):
     eps32 = float(torch.tensor(0.16, dtype=torch.float32))
     assert all(abs(d - 0.16) > bound * 0.16 + abs(0.16 - eps32) for d in settled)  # no decision within rounding
     assert found is not None and detector.epoch == found  # their epoch index (EB_{epoch}.pth.tar)
+    assert found > 3  # not merely the first full window: the distances decided
     assert detector.history[found] < eps32 and all(h >= eps32 for h in detector.history[3:found])
 
 
