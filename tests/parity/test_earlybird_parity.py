@@ -51,9 +51,9 @@ def convnet() -> nn.Module:
     return nn.Sequential(
         nn.Unflatten(1, (1, 8, 8)),
         nn.Conv2d(1, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
-        nn.Conv2d(12, 20, 3, stride=2, padding=1), nn.BatchNorm2d(20), nn.ReLU(),
+        nn.Conv2d(12, 18, 3, stride=2, padding=1), nn.BatchNorm2d(18), nn.ReLU(),
         nn.Flatten(),
-        nn.Linear(20 * 4 * 4, 24), nn.BatchNorm1d(24), nn.ReLU(),  # Early-Bird-Tickets leaves BatchNorm1d out
+        nn.Linear(18 * 4 * 4, 24), nn.BatchNorm1d(24), nn.ReLU(),  # Early-Bird-Tickets leaves BatchNorm1d out
         nn.Linear(24, 10),
     )  # fmt: skip
 
