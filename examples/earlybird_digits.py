@@ -10,6 +10,11 @@ with. After every epoch both detectors are updated:
 - ``kf.EarlyBird.mask_distance``: the global BatchNorm-|gamma| channel mask at 50 %, window 4
   (the last 5 masks), eps 0.1.
 
+Beside them runs ``kf.EarlyBird.spline(..., preset="spline_eb")``, the rule with Spline-EB's own
+float32 arithmetic: it fires at the same epoch unless a distance lies within float32 rounding of
+eps. (``preset="early_bird_tickets"`` masks BatchNorm2d channels only, as their code does, so it
+does not apply to this MLP; tests/parity runs it on a convnet.)
+
 At the epoch a detector fires, the ticket is drawn from the model of that epoch: half of the
 hidden units are pruned (their weights, biases and BatchNorm parameters zeroed and kept at zero),
 and the pruned network trains on from there until epoch 30, so that dense and ticket runs see the
@@ -163,6 +168,7 @@ def main() -> None:
     opt = optimizer(model)
     spline = kf.EarlyBird.spline(model, probe)
     masks = kf.EarlyBird.mask_distance(model, PRUNE)
+    spline_eb = kf.EarlyBird.spline(model, probe, preset="spline_eb")
     snapshots: dict[str, nn.Module] = {}
     print(f"digits: {len(y)} train / {len(yt)} test images; probe canvas {tuple(probe.shape)}")
     print("epoch  test acc  spline dist  mask dist")
@@ -173,6 +179,7 @@ def main() -> None:
                 snapshots[name] = copy.deepcopy(model)
             elif detector.detected:
                 detector.update()
+        spline_eb.update()
         s, m = spline.history[-1], masks.history[-1]
         print(f"{epoch:5d}  {accuracy(model, xt, yt):8.4f}  {'' if s is None else f'{s:11.4f}':>11}  "
               f"{'' if m is None else f'{m:9.4f}':>9}")  # fmt: skip
@@ -180,6 +187,9 @@ def main() -> None:
     print(f"\ndense model after {EPOCHS} epochs: test accuracy {dense_acc:.4f}")
     print(f"spline codes kept on the device: {spline.memory_bytes} bytes for {spline.window} epochs "
           f"(float32 copies would take {32 * spline.memory_bytes} bytes or more)")  # fmt: skip
+    gap = max((abs(a - b) for a, b in zip(spline.history, spline_eb.history) if a is not None), default=0.0)
+    print(f"spline_eb preset (Spline-EB's float32 arithmetic): EB epoch {spline_eb.epoch} "
+          f"(default {spline.epoch}); largest distance difference {gap:.1e}")  # fmt: skip
     rows = []
     for name, detector in (("spline", spline), ("mask_distance", masks)):
         if detector.epoch is None:

@@ -132,10 +132,14 @@ def unit_dim(module: nn.Module) -> int:
     return -1 if isinstance(module, nn.Linear) or is_hf_conv1d(module) else 1
 
 
-def record_codes(model: nn.Module, targets: dict[str, nn.Module], probe: Probe, *, fn: str) -> dict[str, CodeSet]:
+def record_codes(
+    model: nn.Module, targets: dict[str, nn.Module], probe: Probe, *, fn: str, calls: list[str] | None = None
+) -> dict[str, CodeSet]:
     """Runs the whole probe through the model in eval mode and packs the sign of each target
     module's output into region codes on the output's device. Nothing else is kept: memory is one
-    bit per unit, position and probe sample."""
+    bit per unit, position and probe sample. ``calls``, if given, receives the name of each target
+    at every run of it, in the order they run (a detector that sums per-layer values in float32
+    needs the authors' order)."""
     blocks: dict[str, list[Tensor]] = {name: [] for name in targets}
     bits = dict.fromkeys(targets, 0)
 
@@ -151,6 +155,8 @@ def record_codes(model: nn.Module, targets: dict[str, nn.Module], probe: Probe, 
             codes = ops.sign_codes(output.detach(), dim)
             blocks[name].append(codes)
             bits[name] += output.numel() // max(output.shape[dim], 1)
+            if calls is not None:
+                calls.append(name)
 
         return hook
 

@@ -227,6 +227,119 @@ def test_bn_l1_subgradient():
         kf.earlybird.add_bn_l1_subgradient(model, float("nan"))
 
 
+# ---- presets: the authors' released code ------------------------------------------------------------------
+
+
+def bn2d_model(gammas: list[float], dtype=torch.float32) -> nn.Module:
+    """One BatchNorm2d whose scales are `gammas`, and a BatchNorm1d that Early-Bird-Tickets ignores."""
+    model = nn.Sequential(nn.Conv2d(1, len(gammas), 1), nn.BatchNorm2d(len(gammas)), nn.Flatten(), nn.BatchNorm1d(3))
+    model = model.to(dtype)
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor(gammas, dtype=dtype))
+    return model
+
+
+def test_early_bird_tickets_preset_measures_the_initial_weights_and_counts_epochs_trained(device):
+    model = small_cnn().to(device)
+    detector = kf.EarlyBird.mask_distance(model, 0.5, preset="early_bird_tickets")
+    assert detector.history == [None] and detector.updates == 1  # measurement 0: before any training
+    default = kf.EarlyBird.mask_distance(model, 0.5)
+    for epoch in range(1, 9):  # the weights change during epochs 1..3, then stay
+        if epoch <= 3:
+            randomize(model, seed=300 + epoch)
+        detector.update()
+        default.update()
+    # the last change is in epoch 3; its mask and the next 4 are equal at epoch 3 + 4 = 7 epochs trained
+    assert detector.epoch == 7 and detector.history[7] == 0.0 and detector.history[6] > 0.1
+    assert default.epoch == 6  # the index of the update() after epoch 7: one less
+    assert detector.window == 4 and detector.eps == 0.1
+    assert list(detector.masks()) == ["1", "4"]  # BatchNorm2d only: the BatchNorm1d "8" is left out
+
+
+def test_early_bird_tickets_threshold_prunes_every_tie_and_rounds_to_float32():
+    ties = bn2d_model([0.5, 0.5, 0.5, 2.0])
+    masks = kf.EarlyBird.mask_distance(ties, 0.25, preset="early_bird_tickets").masks()
+    assert list(masks) == ["1"] and masks["1"].tolist() == [False, False, False, True]
+    default = kf.EarlyBird.mask_distance(ties, 0.25).masks()  # every BatchNorm; round(0.75 * 7) kept, ties by position
+    assert list(default) == ["1", "3"] and sum(int(m.sum()) for m in default.values()) == 5
+    # float64 scales: the threshold is taken from float32 copies (1 + 2**-30 rounds to 1), the
+    # comparison is in float64
+    fine = bn2d_model([1.0, 1.0 + 2**-30, 3.0, 4.0], dtype=torch.float64)
+    assert kf.EarlyBird.mask_distance(fine, 0.25, preset="early_bird_tickets").masks()["1"].tolist() == [
+        False,
+        True,
+        True,
+        True,
+    ]
+    # distinct values keep channels - int(channels * ratio) - 1
+    distinct = bn2d_model([float(v) for v in range(1, 11)])
+    assert int(kf.EarlyBird.mask_distance(distinct, 0.3, preset="early_bird_tickets").masks()["1"].sum()) == 6
+
+
+def test_early_bird_tickets_distance_is_their_one_minus_same_fraction():
+    model = bn2d_model([float(v) for v in range(1, 11)])
+    detector = kf.EarlyBird.mask_distance(model, 0.5, window=1, preset="early_bird_tickets")
+    default = kf.EarlyBird.mask_distance(model, 0.5, window=1)
+    default.update()
+    with torch.no_grad():
+        model[1].weight[0] = 20.0  # channel 0 enters the mask, one channel leaves it: 2 differ
+    detector.update()
+    default.update()
+    assert detector.distances[1] == [1 - 8 / 10] and 1 - 8 / 10 != 2 / 10  # their rounding, kept
+    assert default.distances[1] == [2 / 13]  # the default also counts the BatchNorm1d's 3 channels
+
+
+def test_spline_eb_preset_codes_batchnorm1d_and_2d_in_float32(device):
+    model = small_cnn().to(device)
+    x = probe(device)
+    detector = kf.EarlyBird.spline(model, x, preset="spline_eb")
+    default = kf.EarlyBird.spline(model, x)
+    assert detector.modules == ["1", "4", "8"] and detector.window == 3 and detector.eps == 0.16
+    for epoch in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(epoch)).to(device) * 0.15)
+        detector.update()
+        default.update()
+    for got, want in zip(detector.history[3:], default.history[3:], strict=True):
+        assert got == float(torch.tensor(got, dtype=torch.float32))  # a float32 value, as theirs
+        assert abs(got - want) <= 5 * 2.0**-24 * want  # (L + 2) * 2**-24 relative, L = 3 layers
+    bn3d = nn.Sequential(nn.Conv3d(1, 2, 1), nn.BatchNorm3d(2))
+    with pytest.raises(
+        ValueError, match=r"expected a model with BatchNorm1d/BatchNorm2d layers for preset='spline_eb'"
+    ):
+        kf.EarlyBird.spline(bn3d, torch.randn(4, 1, 2, 2, 2), preset="spline_eb")
+    assert kf.EarlyBird.spline(bn3d, torch.randn(4, 1, 2, 2, 2)).modules == ["1"]  # the default takes it
+
+
+def test_preset_errors():
+    model = small_cnn()
+    with pytest.raises(
+        ValueError,
+        match=r"koopfast\.EarlyBird\.spline: expected preset to be one of \['koopfast', 'spline_eb'\], got 'x'",
+    ):
+        kf.EarlyBird.spline(model, probe(), preset="x")
+    with pytest.raises(ValueError, match=r"expected preset to be one of \['koopfast', 'early_bird_tickets'\]"):
+        kf.EarlyBird.mask_distance(model, 0.5, preset="spline_eb")
+    with pytest.raises(ValueError, match=r"expected modules=None with preset='spline_eb'"):
+        kf.EarlyBird.spline(model, probe(), modules=["1"], preset="spline_eb")
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    with pytest.raises(ValueError, match=r"expected a model with BatchNorm2d layers \(Early-Bird-Tickets masks"):
+        kf.EarlyBird.mask_distance(mlp, 0.5, preset="early_bird_tickets")
+    with pytest.raises(ValueError, match=r"add_bn_l1_subgradient: expected preset to be one of"):
+        kf.earlybird.add_bn_l1_subgradient(model, 1e-4, preset="spline_eb")
+
+
+def test_bn_l1_subgradient_early_bird_tickets_preset_penalizes_batchnorm2d_only():
+    model = small_cnn()
+    model(probe()).sum().backward()
+    before = {i: model[i].weight.grad.clone() for i in (1, 4, 8)}
+    kf.earlybird.add_bn_l1_subgradient(model, 1e-2, preset="early_bird_tickets")
+    for i in (1, 4):
+        assert torch.equal(model[i].weight.grad, before[i] + 1e-2 * torch.sign(model[i].weight.detach()))
+    assert torch.equal(model[8].weight.grad, before[8])  # BatchNorm1d: not in their updateBN
+
+
 @pytest.mark.skipif(len(DEVICES) < 2, reason="needs CUDA")
 def test_codes_stay_on_the_device():
     model = small_cnn().cuda()

@@ -43,12 +43,14 @@ def test_detectors_fire_on_a_real_training_run(example, one_thread):
     opt = example.optimizer(model)
     spline = kf.EarlyBird.spline(model, probe)
     masks = kf.EarlyBird.mask_distance(model, example.PRUNE)
+    spline_eb = kf.EarlyBird.spline(model, probe, preset="spline_eb")
     accuracies, snapshot = [], None
     for epoch in range(example.EPOCHS):
         example.train_epoch(model, opt, x, y, epoch)
         if spline.update() and snapshot is None:
             snapshot = {k: v.clone() for k, v in model.state_dict().items()}
         masks.update()
+        spline_eb.update()
         accuracies.append(example.accuracy(model, xt, yt))
     assert spline.epoch is not None and spline.window <= spline.epoch < example.EPOCHS
     assert masks.epoch is not None and masks.window <= masks.epoch < example.EPOCHS
@@ -56,6 +58,9 @@ def test_detectors_fire_on_a_real_training_run(example, one_thread):
     assert all(0.0 <= d <= 1.0 for d in distances)
     assert distances[-1] < distances[0]  # the partition settles as training goes on
     assert accuracies[spline.epoch] > 0.9 and accuracies[-1] > 0.95
+    # Spline-EB's float32 arithmetic: within (L + 2) * 2**-24 relative (L = 2 BatchNorms), same epoch
+    pairs = [(a, b) for a, b in zip(spline_eb.history, spline.history, strict=True) if b is not None]
+    assert all(abs(a - b) <= 4 * 2.0**-24 * b for a, b in pairs) and spline_eb.epoch == spline.epoch
 
     ticket_model = example.make_model()
     ticket_model.load_state_dict(snapshot)
