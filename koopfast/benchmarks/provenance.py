@@ -40,14 +40,17 @@ def _git(root: Path, *args: str) -> str | None:
 
 
 def git_state() -> dict[str, Any]:
-    """``commit`` (the checked-out commit, or None outside a checkout) and ``dirty`` (tracked files
-    differ from that commit; untracked files such as benchmark outputs do not count; None when
-    unknown)."""
+    """``commit`` (the checked-out commit) and ``dirty`` (tracked files differ from that commit;
+    untracked files such as benchmark outputs do not count; None when unknown). A copy of a tree
+    without its .git (as sent to a GPU machine) has no commit of its own: there the environment
+    variable KOOPFAST_COMMIT, if set by whoever made the copy, names it (``commit_source`` says which)."""
     root = checkout_root()
     if root is None:
-        return {"commit": None, "dirty": None}
+        given = os.environ.get("KOOPFAST_COMMIT") or None
+        return {"commit": given, "dirty": None, "commit_source": "KOOPFAST_COMMIT" if given else None}
     status = _git(root, "status", "--porcelain", "--untracked-files=no")
-    return {"commit": _git(root, "rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+    commit = _git(root, "rev-parse", "HEAD")
+    return {"commit": commit, "dirty": None if status is None else bool(status), "commit_source": "git"}
 
 
 def device_details(device: torch.device) -> dict[str, Any]:
