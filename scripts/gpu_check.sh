@@ -9,11 +9,12 @@
 #
 #   bash scripts/gpu_check.sh [--device cuda|cpu] [--out DIR] [--budget SECONDS] [--size quick|default|large]
 #                             [--only FAMILIES] [--repeat N] [--tests-k EXPR] [--no-tests] [--no-bench] [--rebuild]
-#                             [--archive FILE.tar.gz]
+#                             [--archive FILE.tar.gz] [--build-timeout S] [--tests-timeout S] [--bench-timeout S]
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 
 device=cuda out=gpu-check budget=480 size="" only="" repeat="" tests_k="" run_tests=1 run_bench=1 rebuild=0 archive=""
+build_cap=240 tests_cap=180 bench_cap=""  # seconds; bench: 120 for select and masks, 75 for the others
 usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -28,12 +29,17 @@ while [ $# -gt 0 ]; do
     --no-bench) run_bench=0; shift ;;
     --rebuild) rebuild=1; shift ;;
     --archive) archive=$2; shift 2 ;;
+    --build-timeout) build_cap=$2; shift 2 ;;
+    --tests-timeout) tests_cap=$2; shift 2 ;;
+    --bench-timeout) bench_cap=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "gpu_check: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
 done
 case "$device" in cuda|cpu) ;; *) echo "gpu_check: --device must be cuda or cpu, got $device" >&2; exit 2 ;; esac
-case "$budget" in ''|*[!0-9]*) echo "gpu_check: --budget must be whole seconds, got $budget" >&2; exit 2 ;; esac
+for seconds in "$budget" "$build_cap" "$tests_cap" "${bench_cap:-0}"; do
+  case "$seconds" in ''|*[!0-9]*) echo "gpu_check: budget and timeouts must be whole seconds, got $seconds" >&2; exit 2 ;; esac
+done
 if [ "$device" = cuda ]; then
   size=${size:-large}
   only=${only:-select,masks,gradflow,codes,koopman}  # most streaming rows first; hvp, distributed: CPU only
@@ -111,7 +117,7 @@ has_backend() {  # koopfast imports and was built with the backend the device ne
 if [ "$rebuild" = 1 ] || ! has_backend; then
   if [ "$device" = cuda ]; then export KOOPFAST_CUDA=ON; fi  # fail loudly rather than build without CUDA
   export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-  step build 240 "$PY" -m pip install --no-build-isolation --no-deps -e . \
+  step build "$build_cap" "$PY" -m pip install --no-build-isolation --no-deps -e . \
     && step build-check 60 "$PY" -c "import sys, koopfast; print(koopfast.build_info()); sys.exit('$device' not in koopfast.build_info()['backends'])"
 else
   printf 'build\tnot needed\t\t0\t0\t\n' >> "$steps"
@@ -123,13 +129,13 @@ if [ "$run_tests" = 1 ]; then
   [ -n "$tests_k" ] && select_k=(-k "$tests_k")
   # -m cuda: the CUDA case of every device-parametrized test and every test that names CUDA
   # (tests/conftest.py). On a CPU machine that is the few tests that loop over the devices.
-  step tests 180 "$PY" -m pytest -q -m cuda -p no:cacheprovider "${select_k[@]}" --junitxml="$out/tests.xml" tests
+  step tests "$tests_cap" "$PY" -m pytest -q -m cuda -p no:cacheprovider "${select_k[@]}" --junitxml="$out/tests.xml" tests
 fi
 
 if [ "$run_bench" = 1 ]; then
   IFS=, read -r -a families <<< "$only"
   for family in "${families[@]}"; do
-    case "$family" in select|masks) cap=120 ;; *) cap=75 ;; esac
+    case "$family" in select|masks) cap=${bench_cap:-120} ;; *) cap=${bench_cap:-75} ;; esac
     args=(bench --device "$device" --size "$size" --only "$family" --out "$out/bench-$family")
     [ -n "$repeat" ] && args+=(--repeat "$repeat")
     step "bench-$family" "$cap" "$PY" -m koopfast "${args[@]}"
