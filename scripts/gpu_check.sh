@@ -55,7 +55,11 @@ out=$(cd "$out" && pwd)  # --out and --archive are relative to the caller's dire
 cd "$here" || exit 2
 steps="$out/steps.tsv"
 printf 'step\tstatus\trc\tseconds\ttimeout_s\tlog\n' > "$steps"
-if [ -x .venv/bin/python ]; then PY=$here/.venv/bin/python; else PY=$(command -v python3); fi
+# The checkout's .venv where there is one (make setup), else the python3 that holds torch; PYTHON overrides.
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=$here/.venv/bin/python; else PY=$(command -v python3); fi
+if [ "$device" = cuda ] && ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export PATH=/usr/local/cuda/bin:$PATH  # CMake looks for nvcc on PATH
+fi
 export PYTHONUNBUFFERED=1
 start=$SECONDS
 deadline=$((start + budget))
