@@ -17,8 +17,6 @@ SIZES = ("quick", "default", "large")
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import importlib
-    import inspect
     from pathlib import Path
 
     from koopfast import plots
@@ -45,21 +43,9 @@ def _bench(args: argparse.Namespace) -> int:
     )  # fmt: skip
     rows, copies, sizes = [], [], {}
     for family in families:
-        module = importlib.import_module(f"koopfast.benchmarks.{family}")
-        print(f"\n[{family}] {module.__doc__.strip().splitlines()[0]}", flush=True)
-        options = {"quick": size == "quick", "repeat": args.repeat}
-        if size == "large" and "large" in inspect.signature(module.run).parameters:
-            options["large"] = True  # the family's cases that fill a GPU
-        sizes[family] = "large" if options.get("large") else "quick" if size == "quick" else "default"
-        if size == "large" and sizes[family] != "large":
-            print(f"{family}: no large cases, runs its default sizes", flush=True)
-        family_rows = module.run(device, **options)
-        copies += harness.fill_copy_fractions(family_rows)  # after the family: its inputs are freed
-        harness.mark_noise(family_rows)
-        print(harness.format_table(family_rows), flush=True)
-        if hasattr(module, "summary"):
-            print(module.summary(family_rows), flush=True)
+        family_rows, family_copies, sizes[family] = _bench_family(family, device, size, args.repeat)
         rows += family_rows
+        copies += family_copies
     warnings = harness.noise_warnings(rows)
     print("\n" + harness.legend(rows))
     for warning in warnings:
@@ -80,6 +66,32 @@ def _bench(args: argparse.Namespace) -> int:
     chart = plots.bench_speedups(rows, device_name, out / "speedups.png")
     print(f"wrote {out / 'results.json'}, {chart}")
     return 0
+
+
+def _bench_family(family: str, device: torch.device, size: str, repeat: int | None):
+    """Run one family at ``size`` and print its table: (rows, copy measurements, size it ran at).
+    Families whose ``run`` takes ``large`` have cases that fill a GPU; the others run their default
+    sizes under --size large."""
+    import importlib
+    import inspect
+
+    from koopfast.benchmarks import harness
+
+    module = importlib.import_module(f"koopfast.benchmarks.{family}")
+    print(f"\n[{family}] {module.__doc__.strip().splitlines()[0]}", flush=True)
+    options = {"quick": size == "quick", "repeat": repeat}
+    if size == "large" and "large" in inspect.signature(module.run).parameters:
+        options["large"] = True
+    ran_at = "large" if options.get("large") else "quick" if size == "quick" else "default"
+    if size == "large" and ran_at != "large":
+        print(f"{family}: no large cases, runs its default sizes", flush=True)
+    rows = module.run(device, **options)
+    copies = harness.fill_copy_fractions(rows)  # after the family returned: its inputs are freed
+    harness.mark_noise(rows)
+    print(harness.format_table(rows), flush=True)
+    if hasattr(module, "summary"):
+        print(module.summary(rows), flush=True)
+    return rows, copies, ran_at
 
 
 def _progress(enabled: bool):
