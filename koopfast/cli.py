@@ -13,44 +13,85 @@ import torch
 FAMILIES = ("select", "masks", "koopman", "gradflow", "hvp", "codes", "distributed")
 
 
+SIZES = ("quick", "default", "large")
+
+
 def _bench(args: argparse.Namespace) -> int:
-    import importlib
+    from pathlib import Path
 
-    from koopfast.benchmarks import harness
+    from koopfast import plots
+    from koopfast.benchmarks import harness, provenance
 
+    size = args.size or ("quick" if args.quick else "default")
+    if args.quick and size != "quick":
+        print(f"koopfast bench: --quick contradicts --size {size}", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("koopfast bench: --device cuda requested, but torch sees no CUDA device", file=sys.stderr)
         return 2
-    print(f"koopfast bench on {harness.describe_device(device)}{' (--quick)' if args.quick else ''}", flush=True)
     families = FAMILIES if args.only is None else tuple(args.only.split(","))
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         print(f"koopfast bench: unknown families {unknown}; choose among {', '.join(FAMILIES)}", file=sys.stderr)
         return 2
-    rows = []
+    device_name = harness.describe_device(device)
+    print(f"koopfast bench on {device_name} (--size {size})", flush=True)
+    metadata = provenance.run_metadata(
+        command=["koopfast", *args.argv], device=device, repeat=args.repeat, size=size, families=families,
+        noisy_spread=harness.NOISY_SPREAD,
+    )  # fmt: skip
+    rows, copies, sizes = [], [], {}
     for family in families:
-        module = importlib.import_module(f"koopfast.benchmarks.{family}")
-        print(f"\n[{family}] {module.__doc__.strip().splitlines()[0]}", flush=True)
-        family_rows = module.run(device, quick=args.quick, repeat=args.repeat)
-        print(harness.format_table(family_rows), flush=True)
-        if hasattr(module, "summary"):
-            print(module.summary(family_rows), flush=True)
+        family_rows, family_copies, sizes[family] = _bench_family(family, device, size, args.repeat)
         rows += family_rows
+        copies += family_copies
+    warnings = harness.noise_warnings(rows)
     print("\n" + harness.legend(rows))
-    from pathlib import Path
-
-    from koopfast import plots
-
+    for warning in warnings:
+        print(f"WARNING: {warning}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device_name = harness.describe_device(device)
-    (out / "results.json").write_text(
-        json.dumps({"device": device_name, "quick": args.quick, "rows": [r.as_dict() for r in rows]}, indent=2)
-    )
+    results = {
+        "device": device_name,
+        "quick": size == "quick",
+        "size": size,
+        "family_sizes": sizes,
+        "metadata": metadata,
+        "warnings": warnings,
+        "copy_bandwidth": copies,
+        "rows": [r.as_dict() for r in rows],
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
     chart = plots.bench_speedups(rows, device_name, out / "speedups.png")
     print(f"wrote {out / 'results.json'}, {chart}")
     return 0
+
+
+def _bench_family(family: str, device: torch.device, size: str, repeat: int | None):
+    """Run one family at ``size`` and print its table: (rows, copy measurements, size it ran at).
+    Families whose ``run`` takes ``large`` have cases that fill a GPU; the others run their default
+    sizes under --size large."""
+    import importlib
+    import inspect
+
+    from koopfast.benchmarks import harness
+
+    module = importlib.import_module(f"koopfast.benchmarks.{family}")
+    print(f"\n[{family}] {module.__doc__.strip().splitlines()[0]}", flush=True)
+    options = {"quick": size == "quick", "repeat": repeat}
+    if size == "large" and "large" in inspect.signature(module.run).parameters:
+        options["large"] = True
+    ran_at = "large" if options.get("large") else "quick" if size == "quick" else "default"
+    if size == "large" and ran_at != "large":
+        print(f"{family}: no large cases, runs its default sizes", flush=True)
+    rows = module.run(device, **options)
+    copies = harness.fill_copy_fractions(rows)  # after the family returned: its inputs are freed
+    harness.mark_noise(rows)
+    print(harness.format_table(rows), flush=True)
+    if hasattr(module, "summary"):
+        print(module.summary(rows), flush=True)
+    return rows, copies, ran_at
 
 
 def _progress(enabled: bool):
@@ -155,11 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="time koopfast against the PyTorch way and the peers; prints a table, writes results.json and "
         "speedups.png to --out",
         description="Micro-benchmarks: koopfast against what a PyTorch user would write and the peers, same "
-        "inputs, results checked before timing. Prints a table per family; writes results.json (every row) and "
-        "speedups.png (each method's speed relative to its case's baseline) to --out. The full run takes "
-        "15-20 minutes on 2 CPU cores; --quick about 2.",
+        "inputs, results checked before timing. Prints a table per family; writes results.json (every row, and "
+        "the date, commit, command, versions, device, threads and repeat count of the run) and speedups.png "
+        "(each method's speed relative to its case's baseline) to --out. Each row also shows its spread (median / "
+        "fastest run, flagged above 1.3: a busy machine) and the fraction of a device copy of the same bytes. "
+        "The full run takes 15-20 minutes on 2 CPU cores; --quick about 2.",
     )
-    bench.add_argument("--quick", action="store_true", help="small sizes only (CI)")
+    bench.add_argument("--quick", action="store_true", help="small sizes only (CI); the same as --size quick")
+    bench.add_argument(
+        "--size",
+        choices=SIZES,
+        help="quick: small sizes (CI); default: the sizes of bench/RESULTS.md; large: sizes that fill a GPU "
+        "(N = 10^9 where a family has such cases; others run their default sizes)",
+    )
     bench.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -176,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # recorded in results.json
     if args.command is None:  # a bare `koopfast`: what it can do
         parser.print_help()
         return 0

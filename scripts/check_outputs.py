@@ -15,16 +15,33 @@ def png(path: Path) -> None:
     assert image.ndim == 3 and min(image.shape[:2]) > 100, f"{path}: not a usable image ({image.shape})"
 
 
+def provenance(results: dict) -> None:
+    """The bench results say where they came from, flag noisy rows and compare with a copy."""
+    meta = results["metadata"]
+    for key in ("date_utc", "command", "torch", "koopfast", "device", "torch_threads", "size", "quick"):
+        assert meta.get(key) not in (None, ""), f"bench metadata: no {key}"
+    assert meta["command"].startswith("koopfast bench") and "repeat" in meta and "git_commit" in meta
+    assert isinstance(results["warnings"], list)
+    for r in results["rows"]:
+        assert isinstance(r["noisy"], bool) and (r["spread"] is None or r["spread"] >= 1.0), r
+        assert r["noisy"] == (r["spread"] is not None and r["spread"] > meta["noisy_spread_threshold"]), r
+        if r["bytes_moved"] > 0:
+            assert r["copy_fraction"] > 0 and r["copy_gbps"] > 0, f"no copy comparison: {r['case']} | {r['method']}"
+    assert bool(results["warnings"]) == any(r["noisy"] for r in results["rows"])
+
+
 def main(demo: Path, bench: Path) -> None:
     results = json.loads((demo / "results.json").read_text())
     assert results["pruning"] and results["training"] and results["koopman"]["eigenvalues"], "demo results"
     for name in ("accuracy_vs_sparsity.png", "koopman_eigenvalues.png", "mask_overlap_over_training.png"):
         png(demo / name)
-    rows = json.loads((bench / "results.json").read_text())["rows"]
+    bench_results = json.loads((bench / "results.json").read_text())
+    rows = bench_results["rows"]
     families = {r["family"].split("/")[0] for r in rows}  # masks/apply, masks/global, ...
     expected = {"select", "masks", "koopman", "gradflow", "hvp", "codes", "distributed"}
     assert expected <= families, f"bench families: {families}"
     assert all(r["median_ms"] > 0 for r in rows)
+    provenance(bench_results)
     png(bench / "speedups.png")
     print(f"check_outputs: demo ({len(results['pruning'])} pruning runs) and bench ({len(rows)} rows) outputs are fine")
 

@@ -64,6 +64,11 @@ def test_bench_writes_results_and_a_chart(tmp_path, capsys):
     assert "koopfast.select_threshold" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert results["device"] and {r["method"] for r in results["rows"]} >= {"koopfast.select_threshold"}
+    assert results["metadata"]["command"] == f"koopfast bench --quick --only select --repeat 1 --device cpu --out {out}"
+    assert results["metadata"]["repeat"] == 1 and results["size"] == "quick" and isinstance(results["warnings"], list)
+    streaming = [r for r in results["rows"] if r["bytes_moved"]]
+    assert streaming and all(r["copy_fraction"] > 0 for r in streaming)
+    assert all(r["spread"] in (None, 1.0) and not r["noisy"] for r in results["rows"])  # one timed run each
     assert_png(out / "speedups.png")
 
 

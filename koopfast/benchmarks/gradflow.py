@@ -136,6 +136,6 @@ def run_selection(n: int, device: torch.device, repeat: int | None) -> list[Row]
     return fill_ratios(rows, TORCH_SELECT)
 
 
-def run(device: torch.device, *, quick: bool = False, repeat: int | None = None) -> list[Row]:
+def run(device: torch.device, *, quick: bool = False, repeat: int | None = None, large: bool = False) -> list[Row]:
     pipeline = PipelineCase(width=256) if quick else PipelineCase(width=1024)
-    return run_pipeline(pipeline, repeat) + run_selection(10**6 if quick else 10**7, device, repeat)
+    return run_pipeline(pipeline, repeat) + run_selection(10**6 if quick else 10**8 if large else 10**7, device, repeat)

@@ -1,4 +1,10 @@
-"""Timing, peak memory and table formatting for the benchmarks (perf.md, "Protocol")."""
+"""Timing, peak memory and table formatting for the benchmarks (perf.md, "Protocol").
+
+Two checks make a table trustworthy on a machine that may be busy or a device that may be slow:
+each row's spread (median / minimum of its timed runs; above :data:`NOISY_SPREAD` the row is
+flagged as noisy) and, for rows that move a known number of bytes, the fraction of a plain copy of
+the same bytes on the same device, measured in the same run (:func:`fill_copy_fractions`).
+"""
 
 from __future__ import annotations
 
@@ -43,6 +49,11 @@ class Row:
     stream_fraction: float | None = None  # gbps / measured streaming-read bandwidth
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    runs: int | None = None  # timed runs behind median_ms and min_ms (None: not recorded by the family)
+    spread: float | None = None  # median / min of the timed runs (set by mark_noise)
+    noisy: bool = False  # spread above NOISY_SPREAD: other work disturbed the timing
+    copy_gbps: float | None = None  # a device copy of the same bytes, same run (set by fill_copy_fractions)
+    copy_fraction: float | None = None  # gbps / copy_gbps
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,6 +192,7 @@ def row_of(
         peak_extra_mb=None if peak is None else peak / 2**20,
         note=note,
         extra=dict(extra or {}),
+        runs=t.runs,
     )
 
 
@@ -198,8 +210,12 @@ def describe_device(device: torch.device) -> str:
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    """A plain-text table: one line per row, grouped as given."""
-    headers = ["case", "method", "device", "median ms", "vs baseline", "GB/s", "% stream", "peak extra MB"]
+    """A plain-text table: one line per row, grouped as given; a noisy row's spread is marked
+    with "!" and a warning line follows the table (see :func:`mark_noise`)."""
+    headers = [
+        "case", "method", "device", "median ms", "spread", "vs baseline", "GB/s", "% stream", "% copy",
+        "peak extra MB",
+    ]  # fmt: skip
 
     def cells(r: Row) -> list[str]:
         return [
@@ -207,9 +223,11 @@ def format_table(rows: Sequence[Row]) -> str:
             r.method,
             r.device,
             f"{r.median_ms:.2f}",
+            "" if r.spread is None else f"{r.spread:.2f}{' !' if r.noisy else '  '}",
             "" if r.ratio is None else f"{r.ratio:.1f}x",
             "" if r.gbps is None else f"{r.gbps:.1f}",
             "" if r.stream_fraction is None else f"{100 * r.stream_fraction:.0f}%",
+            "" if r.copy_fraction is None else f"{100 * r.copy_fraction:.{0 if r.copy_fraction >= 0.1 else 1}f}%",
             "" if r.peak_extra_mb is None else f"{r.peak_extra_mb:.1f}",
         ]
 
@@ -223,6 +241,7 @@ def format_table(rows: Sequence[Row]) -> str:
             out.append("")
         previous = r.case
         out.append("  ".join(x.ljust(w) if i < 3 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths))))
+    out += [f"WARNING: {w}" for w in noise_warnings(rows)]
     return "\n".join(out)
 
 
@@ -236,8 +255,9 @@ def legend(rows: Sequence[Row]) -> str:
     per_family = "; ".join(f"{family}: {', '.join(b) or 'none'}" for family, b in baselines.items())
     return (
         f"vs baseline: the baseline's time / the method's time (baselines: {per_family}). GB/s: bytes that must move "
-        "/ median time; % stream: of a plain streaming read of the same data. Peak extra: memory beyond the inputs, "
-        "outputs included."
+        "/ median time; % stream: of a plain streaming read of the same data; % copy: of a device copy moving the "
+        "same number of bytes (read + written), measured in this run. spread: median / fastest of the timed runs "
+        f"(! above {NOISY_SPREAD}: the machine was busy). Peak extra: memory beyond the inputs, outputs included."
     )
 
 
@@ -258,3 +278,67 @@ def fill_ratios(rows: list[Row], baseline_method: str, stream_method: str | None
             if stream is not None and stream.gbps and r.gbps:
                 r.stream_fraction = r.gbps / stream.gbps
     return rows
+
+
+# ---- trust: noisy rows and a copy of the same bytes ----------------------------------------------------
+
+NOISY_SPREAD = 1.3
+"""A row whose median time exceeds its fastest run by more than 30 % is flagged as noisy. On an
+idle machine the timed runs of one kernel stay within a few percent of each other (warm caches,
+no allocation in the timed region); a median 30 % above the minimum means that at least half of
+the runs were slowed by something else (other processes, frequency changes), so ratios against
+rows timed at another moment are not to be trusted to better than that."""
+
+
+def mark_noise(rows: Sequence[Row], threshold: float = NOISY_SPREAD) -> list[str]:
+    """Set each row's spread (median / min; None from a single run or a zero minimum) and noisy
+    flag; return the warnings (:func:`noise_warnings`)."""
+    for r in rows:
+        single = r.runs is not None and r.runs < 2
+        r.spread = None if single or r.min_ms <= 0 else r.median_ms / r.min_ms
+        r.noisy = r.spread is not None and r.spread > threshold
+    return noise_warnings(rows, threshold)
+
+
+def noise_warnings(rows: Sequence[Row], threshold: float = NOISY_SPREAD) -> list[str]:
+    """One line naming the noisy rows, if any (empty list otherwise)."""
+    noisy = [r for r in rows if r.noisy]
+    if not noisy:
+        return []
+    worst = max(noisy, key=lambda r: r.spread or 0.0)
+    return [
+        f"{len(noisy)} of {len(rows)} rows are noisy (median / fastest run > {threshold}; worst {worst.spread:.2f}: "
+        f"{worst.case} | {worst.method}): the machine was busy, rerun before trusting these ratios"
+    ]
+
+
+def copy_bandwidth(nbytes: int, device: torch.device, *, repeat: int = 5) -> float:
+    """GB/s of ``dst.copy_(src)`` on ``device`` moving ``nbytes`` in all (half read, half written),
+    median of ``repeat`` runs. The buffers hold random values (never time on zeros)."""
+    numel = max(nbytes // 8, 1)  # float32 elements per buffer: 4 bytes read + 4 written each
+    src = torch.rand(numel, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, repeat=repeat)
+    return 8 * numel / t.median_s / 1e9
+
+
+def fill_copy_fractions(
+    rows: Sequence[Row], measure: Callable[[int, torch.device], float] = copy_bandwidth
+) -> list[dict[str, Any]]:
+    """For every case, measure a copy of its largest bytes_moved on its device once, and set
+    copy_gbps and copy_fraction (gbps / copy GB/s) on its rows that move bytes. Returns one
+    record per measured copy (device, case, bytes, gbps) for results.json."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        if r.bytes_moved > 0 and r.median_ms > 0:
+            groups.setdefault((r.device, r.case), []).append(r)
+    records = []
+    for (device, case), case_rows in groups.items():
+        nbytes = max(r.bytes_moved for r in case_rows)
+        gbps = measure(nbytes, torch.device(device))
+        records.append({"device": device, "case": case, "bytes": nbytes, "gbps": gbps})
+        for r in case_rows:
+            r.gbps = r.gbps if r.gbps is not None else r.bytes_moved / (r.median_ms / 1e3) / 1e9
+            r.copy_gbps = gbps
+            r.copy_fraction = r.gbps / gbps
+    return records

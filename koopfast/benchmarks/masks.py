@@ -95,18 +95,17 @@ def restore(targets: list[Tensor], pristine: list[Tensor]) -> None:
     torch._foreach_copy_(targets, pristine)
 
 
-def apply_cases(quick: bool) -> Iterator[ApplyCase]:
-    if quick:
-        yield ApplyCase(n=10**6)
-        yield ApplyCase(n=10**6 // 4, groups=4)
-    else:
-        yield ApplyCase(n=10**8)
-        yield ApplyCase(n=10**8 // 4, groups=4)
+def apply_cases(quick: bool, large: bool = False) -> Iterator[ApplyCase]:
+    n = 10**6 if quick else 10**9 if large else 10**8
+    yield ApplyCase(n=n)
+    yield ApplyCase(n=n // 4, groups=4)
 
 
-def run_apply(device: torch.device, *, quick: bool = False, repeat: int | None = None) -> list[Row]:
+def run_apply(
+    device: torch.device, *, quick: bool = False, repeat: int | None = None, large: bool = False
+) -> list[Row]:
     rows: list[Row] = []
-    for case in apply_cases(quick):
+    for case in apply_cases(quick, large):
         rows += _apply_case(case, device, repeat)
     return fill_ratios(rows, APPLY_BASELINE, APPLY_STREAM)
 
@@ -373,9 +372,9 @@ def _row(family, case, method, n, device, t, moved, peak) -> Row:
     return row_of(t, peak, family=f"masks/{family}", case=case, method=method, n=n, device=device, bytes_moved=moved)
 
 
-def run(device: torch.device, *, quick: bool = False, repeat: int | None = None) -> list[Row]:
+def run(device: torch.device, *, quick: bool = False, repeat: int | None = None, large: bool = False) -> list[Row]:
     return (
-        run_apply(device, quick=quick, repeat=repeat)
+        run_apply(device, quick=quick, repeat=repeat, large=large)
         + run_global(device, quick=quick, repeat=repeat)
         + run_overhead(device, quick=quick, repeat=repeat)
     )

@@ -74,14 +74,14 @@ def check(case: SelectCase, xs: list[Tensor], fns: dict[str, Callable[[], object
     assert all(bool((x.abs()[m] >= expected).all()) for x, m in zip(xs, masks))
 
 
-def cases(quick: bool) -> Iterator[SelectCase]:
-    for n in (10**6, 10**7) if quick else (10**6, 10**7, 10**8):
+def cases(quick: bool, large: bool = False) -> Iterator[SelectCase]:
+    for n in (10**6, 10**7) if quick else (10**8, 10**9) if large else (10**6, 10**7, 10**8):
         yield SelectCase(n=n)
 
 
-def run(device: torch.device, *, quick: bool = False, repeat: int | None = None) -> list[Row]:
+def run(device: torch.device, *, quick: bool = False, repeat: int | None = None, large: bool = False) -> list[Row]:
     rows: list[Row] = []
-    for case in cases(quick):
+    for case in cases(quick, large):
         xs = model_like(case.n, case.tensors, case.dtype, device, case.seed)
         fns = methods(case, xs)
         check(case, xs, fns)
