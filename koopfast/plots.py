@@ -174,3 +174,187 @@ def _save(plt, fig, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# ---- koopfast study ----------------------------------------------------------------------------------------
+
+
+def study_figures(data: dict, out: Path) -> list[Path]:
+    """The figures of ``koopfast study``, one per paper, drawn from its study.json data alone:
+    the measured values (left panels) and the compared differences (right), each as the mean over
+    seeds with its 95 % Student t interval as error bars and every seed as a dot."""
+    comparisons = {c["name"]: c for c in data["comparisons"]}
+    m, config, chance = data["measurements"], data["config"], data["chance_accuracy"]
+    n = len(data["seeds"])
+    paths = []
+    if "gradflow" in m:
+        rows = m["gradflow"]
+        groups = [
+            ("magnitude\n98 %", [r["magnitude@0.98"] for r in rows]),
+            ("|θg| (loss\npreservation)\n98 %", [r["loss_preservation@0.98"] for r in rows]),
+            ("|θHg| (grad-norm\npreservation)\n90 %", [r["gradient_norm_preservation@0.9"] for r in rows]),
+            ("GraSP\n90 %", [r["grasp@0.9"] for r in rows]),
+        ]
+        panel = {
+            "title": f"pruned after {config['gradflow_pretrain']} steps, fine-tuned {config['gradflow_fine_tune']}",
+            "ylabel": "test accuracy (fraction correct)",
+            "groups": groups, "chance": chance, "dense": [r["dense"] for r in rows],
+        }  # fmt: skip
+        paths.append(_study_figure(
+            out / "study_gradflow.png", [panel],
+            [comparisons["magnitude_vs_loss_preservation"], comparisons["gnp_vs_grasp"]],
+            f"Lubana & Dick on digits (MLP 64-256-128-10, {n} seeds)",
+        ))  # fmt: skip
+    if "koopman" in m:
+        rows = m["koopman"]
+        late, sparsity = config["koopman_late"], config["koopman_sparsity"]
+        overlap = {
+            "title": f"KMP vs magnitude masks at {sparsity:.0%}",
+            "ylabel": "mask overlap (kept in common / kept)",
+            "groups": [("early\n(steps 0-65)", [r["overlap_early"] for r in rows]),
+                       (f"late\n(after {late} steps)", [r["overlap_late"] for r in rows])],
+        }  # fmt: skip
+        accuracy = {
+            "title": f"right after pruning {sparsity:.0%}",
+            "ylabel": "test accuracy (fraction correct)",
+            "groups": [("KMP\nearly", [r["kmp_early"] for r in rows]),
+                       ("magnitude\nearly", [r["magnitude_early"] for r in rows]),
+                       ("KMP\nlate", [r["kmp_late"] for r in rows]),
+                       ("magnitude\nlate", [r["magnitude_late"] for r in rows])],
+            "chance": chance,
+        }  # fmt: skip
+        keys = ("kmp_overlap_late_minus_early", "kmp_accuracy_gap_late", "kmp_accuracy_gap_early_minus_late")
+        paths.append(_study_figure(
+            out / "study_koopman.png", [overlap, accuracy], [comparisons[k] for k in keys],
+            f"Redman et al. on digits (MLP 64-128-10, exact DMD of a {config['koopman_window']}-step window, "
+            f"{n} seeds)",
+        ))  # fmt: skip
+    if "earlybird" in m:
+        rows = m["earlybird"]
+        panel = {
+            "title": f"when the detectors fired (of {config['earlybird_epochs']} epochs)",
+            "ylabel": "detection epoch (epochs trained when it fired)",
+            "groups": [("spline codes\n(ε 0.16, window 3)", [r["spline_epoch"] for r in rows]),
+                       ("BatchNorm masks\n(ε 0.1, window 4)", [r["mask_distance_epoch"] for r in rows])],
+            "integer": True,
+        }  # fmt: skip
+        paths.append(_study_figure(
+            out / "study_earlybird.png", [panel], [comparisons["spline_fires_before_mask_distance"]],
+            f"Early-bird detectors on digits (MLP 64-128-64-10 with BatchNorm, {n} seeds)",
+        ))  # fmt: skip
+    return paths
+
+
+def _interval_text(c: dict) -> str:
+    if c["low"] is None or c["high"] is None:
+        return f"{c['mean']:+.3f} (n = {c['n']}: no interval)"
+    return f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
+
+
+VERDICT_COLORS = {"supported": "C2", "inconclusive": "C1", "not supported": "C3"}
+
+
+def _verdict_color(verdict: str) -> str:
+    return next(color for word, color in VERDICT_COLORS.items() if verdict.startswith(word))
+
+
+def _study_figure(path, panels: list[dict], comps: list[dict], heading: str) -> Path:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    plt = _pyplot()
+    widths = [0.45 + 0.3 * len(p["groups"]) for p in panels] + [2.2]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 + 2.2 * sum(widths), 5.6),
+                             gridspec_kw={"width_ratios": widths})  # fmt: skip
+    for ax, panel in zip(axes, panels):
+        _seed_panel(ax, panel["groups"], panel.get("integer", False))
+        if panel.get("dense"):
+            mean = sum(panel["dense"]) / len(panel["dense"])
+            ax.axhline(mean, color="k", ls=":", lw=1, label=f"dense, before pruning (mean {mean:.3f})")
+        if panel.get("chance") is not None:
+            chance = panel["chance"]
+            ax.axhline(chance, color="0.5", ls="--", lw=1, label=f"chance ({chance:.2f}: ten classes)")
+        if not panel.get("integer"):  # fractions: an interval reaching past 0 or 1 is cut at the frame
+            ax.set_ylim(-0.03, 1.05)
+        ax.set_ylabel(panel["ylabel"])
+        ax.set_title(panel["title"], fontsize=10)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
+        ax.grid(axis="y", alpha=0.3)
+
+    right = axes[-1]
+    for i, c in enumerate(comps):
+        y = len(comps) - 1 - i
+        values = [v for v in c["per_seed"] if v is not None]
+        right.scatter(values, [y + _jitter(k, len(values)) for k in range(len(values))], s=12, color="0.45", zorder=2)
+        color = _verdict_color(c["verdict"])
+        if c["low"] is not None and c["high"] is not None:
+            right.errorbar(c["mean"], y, xerr=[[c["mean"] - c["low"]], [c["high"] - c["mean"]]], fmt="o",
+                           color=color, capsize=5, lw=2, zorder=3)  # fmt: skip
+        else:
+            right.plot(c["mean"], y, "o", color=color)
+        if c["kind"] == "equivalent":
+            right.fill_between([-c["margin"], c["margin"]], y - 0.4, y + 0.4, color="C2", alpha=0.15)
+    right.axvline(0, color="k", lw=1)
+    right.set_yticks(range(len(comps)), [_wrap(c["quantity"], 30) for c in reversed(comps)], fontsize=8)
+    right.yaxis.tick_right()
+    right.set_ylim(-0.6, len(comps) - 0.4)
+    units = sorted({c["unit"] for c in comps})
+    right.set_xlabel(f"difference ({'; '.join(units)})\n> 0 supports the claim")
+    right.set_title("compared: mean, 95 % t interval, each seed", fontsize=10)
+    handles = [Line2D([], [], marker="o", ls="", color="0.45", markersize=4, label="one seed")]
+    handles += [Line2D([], [], marker="o", color=color, label=f"mean ± 95 % t interval: {word}")
+                for word, color in VERDICT_COLORS.items()]  # fmt: skip
+    if any(c["kind"] == "equivalent" for c in comps):
+        margin = next(c["margin"] for c in comps if c["kind"] == "equivalent")
+        handles.append(Patch(color="C2", alpha=0.15, label=f"equivalence margin ±{margin} (claim: ≈ 0)"))
+    right.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.26), ncol=2, frameon=False)
+    right.grid(axis="x", alpha=0.3)
+    lines = [heading] + [f"{c['claim']}: {_interval_text(c)} → {c['verdict']}" for c in comps]
+    fig.suptitle("\n".join(lines), fontsize=9.5, x=0.01, ha="left")
+    fig.tight_layout()  # it makes room for the suptitle
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _seed_panel(ax, groups, integer: bool) -> None:
+    for i, (_, values) in enumerate(groups):
+        present = [v for v in values if v is not None]
+        ax.scatter([i + _jitter(k, len(present)) for k in range(len(present))], present, s=12, color="0.45",
+                   zorder=2, label="one seed" if i == 0 else None)  # fmt: skip
+        missing = len(values) - len(present)
+        if missing:
+            ax.annotate(f"{missing} seed(s): never fired", (i, 0.02), xycoords=("data", "axes fraction"),
+                        ha="center", fontsize=7, color="C3")  # fmt: skip
+        if not present:
+            continue
+        mean = sum(present) / len(present)
+        low, high = _t_bounds(present)
+        ax.errorbar(i, mean, yerr=[[mean - low], [high - mean]], fmt="o", color="C0", capsize=6, lw=2,
+                    zorder=3, label="mean ± 95 % t interval" if i == 0 else None)  # fmt: skip
+    ax.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=8)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    if integer:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _t_bounds(values: list[float]) -> tuple[float, float]:
+    from koopfast.study import t_interval
+
+    _, low, high = t_interval(values)
+    if not math.isfinite(low):  # one value: no interval to draw
+        return values[0], values[0]
+    return low, high
+
+
+def _jitter(k: int, n: int) -> float:
+    """Spread of the seed dots around their column, deterministic."""
+    return 0.0 if n < 2 else -0.15 + 0.3 * k / (n - 1)
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
