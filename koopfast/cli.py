@@ -120,7 +120,7 @@ def _study(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
-    torch.set_num_threads(min(torch.get_num_threads(), 2))  # tiny models: more threads only add overhead
+    torch.set_num_threads(1)  # tiny models: threads only add overhead, and spin on a busy machine
     print(f"koopfast study: the papers' comparisons over {seeds} seeds on scikit-learn's digits", flush=True)
     result = study.run(config, progress=_progress(not args.no_progress))
     print(study.markdown(result))

@@ -1,5 +1,6 @@
-"""Checks what `koopfast demo` and `koopfast bench` wrote: the JSON parses and holds results, and
-every PNG opens as an image of a reasonable size. Usage: check_outputs.py DEMO_DIR BENCH_DIR"""
+"""Checks what `koopfast demo`, `koopfast bench` and (optionally) `koopfast study` wrote: the JSON
+parses and holds results, the study's Markdown table has a row per comparison, and every PNG opens
+as an image of a reasonable size. Usage: check_outputs.py DEMO_DIR BENCH_DIR [STUDY_DIR]"""
 
 from __future__ import annotations
 
@@ -15,7 +16,27 @@ def png(path: Path) -> None:
     assert image.ndim == 3 and min(image.shape[:2]) > 100, f"{path}: not a usable image ({image.shape})"
 
 
-def main(demo: Path, bench: Path) -> None:
+STUDY_FIGURES = ("study_gradflow.png", "study_koopman.png", "study_earlybird.png")
+VERDICTS = ("supported", "not supported", "inconclusive")
+
+
+def check_study(study: Path) -> int:
+    data = json.loads((study / "study.json").read_text())
+    comparisons = data["comparisons"]
+    assert len(comparisons) == 6, f"study comparisons: {[c['name'] for c in comparisons]}"
+    for c in comparisons:
+        assert len(c["per_seed"]) == len(data["seeds"]) >= 2, f"{c['name']}: per-seed values"
+        assert c["verdict"].startswith(VERDICTS), f"{c['name']}: verdict {c['verdict']!r}"
+        if c["n"] >= 2:
+            assert c["low"] <= c["mean"] <= c["high"], f"{c['name']}: interval"
+    rows = [line for line in (study / "study.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + len(comparisons), f"study.md: {len(rows)} table rows"  # the header and one per claim
+    for name in STUDY_FIGURES:
+        png(study / name)
+    return len(comparisons)
+
+
+def main(demo: Path, bench: Path, study: Path | None = None) -> None:
     results = json.loads((demo / "results.json").read_text())
     assert results["pruning"] and results["training"] and results["koopman"]["eigenvalues"], "demo results"
     for name in ("accuracy_vs_sparsity.png", "koopman_eigenvalues.png", "mask_overlap_over_training.png"):
@@ -26,8 +47,16 @@ def main(demo: Path, bench: Path) -> None:
     assert expected <= families, f"bench families: {families}"
     assert all(r["median_ms"] > 0 for r in rows)
     png(bench / "speedups.png")
-    print(f"check_outputs: demo ({len(results['pruning'])} pruning runs) and bench ({len(rows)} rows) outputs are fine")
+    done = f"demo ({len(results['pruning'])} pruning runs) and bench ({len(rows)} rows)"
+    if study is not None:
+        done = (
+            f"demo ({len(results['pruning'])} pruning runs), bench ({len(rows)} rows) and study "
+            f"({check_study(study)} comparisons)"
+        )
+    print(f"check_outputs: {done} outputs are fine")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if len(sys.argv) not in (3, 4):
+        sys.exit(__doc__)
+    main(*(Path(a) for a in sys.argv[1:]))
