@@ -355,7 +355,7 @@ def markdown(result: StudyResult) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in result.comparisons:
-        seeds = ", ".join(_number(v) for v in c.per_seed)
+        seeds = ", ".join(_number(v, 0 if c.unit == "epochs" else 3) for v in c.per_seed)
         cells = [c.claim, c.paper, f"{c.quantity} ({c.unit})", _number(c.mean),
                  f"[{_number(c.low)}, {_number(c.high)}]", str(c.n), seeds, c.verdict]  # fmt: skip
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")  # |θg| is not a cell edge
