@@ -160,17 +160,15 @@ def _calibration(split: _digits.Split, seed: int, n: int = 20, size: int = 64):
     return [(split.x_train[i], split.y_train[i]) for i in idx.reshape(n, size)]
 
 
-def _fine_tuned(model, split, masks, steps: int, lr: float, seed: int) -> tuple[float, float]:
-    """Accuracy right after pruning and after ``steps`` SGD steps with the pruned entries held at
-    zero; the model's weights are restored afterwards."""
+def _fine_tuned(model, split, masks, steps: int, lr: float, seed: int) -> float:
+    """Test accuracy after ``steps`` SGD steps with the pruned entries held at zero; the model's
+    weights are restored afterwards."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
         with kf.masks.Masked(model, masks, opt):
-            pruned = _digits.accuracy(model, split.x_test, split.y_test)
-            if steps:
-                _digits.train(model, split, steps=steps, optimizer=opt, seed=seed)
-            return pruned, _digits.accuracy(model, split.x_test, split.y_test)
+            _digits.train(model, split, steps=steps, optimizer=opt, seed=seed)
+            return _digits.accuracy(model, split.x_test, split.y_test)
     finally:
         model.load_state_dict(state)
 
@@ -186,8 +184,18 @@ def gradflow_seed(config: StudyConfig, seed: int) -> dict:
     row = {"seed": seed, "dense": _digits.accuracy(model, split.x_test, split.y_test)}
     for measure, sparsity in GRADFLOW_CASES:
         masks = flow.masks(measure, sparsity)
-        _, row[f"{measure}@{sparsity:g}"] = _fine_tuned(model, split, masks, config.gradflow_fine_tune, 0.05, seed + 2)
+        row[f"{measure}@{sparsity:g}"] = _fine_tuned(model, split, masks, config.gradflow_fine_tune, 0.05, seed + 2)
     return row
+
+
+def _pruned_accuracy(model, split, masks) -> float:
+    """Test accuracy right after pruning; the model's weights are restored afterwards."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        kf.masks.apply_(model, masks)
+        return _digits.accuracy(model, split.x_test, split.y_test)
+    finally:
+        model.load_state_dict(state)
 
 
 def _window(model, split, opt, steps: int, seed: int) -> kf.TrajectoryRecorder:
@@ -213,8 +221,8 @@ def koopman_seed(config: StudyConfig, seed: int) -> dict:
         mag = kf.masks.global_topk(kf.criteria.magnitude(model), config.koopman_sparsity)
         row[f"dense_{phase}"] = _digits.accuracy(model, split.x_test, split.y_test)
         row[f"overlap_{phase}"] = _overlap(kmp, mag)
-        row[f"kmp_{phase}"] = _fine_tuned(model, split, kmp, 0, 0.0, 0)[0]
-        row[f"magnitude_{phase}"] = _fine_tuned(model, split, mag, 0, 0.0, 0)[0]
+        row[f"kmp_{phase}"] = _pruned_accuracy(model, split, kmp)
+        row[f"magnitude_{phase}"] = _pruned_accuracy(model, split, mag)
     return row
 
 
