@@ -177,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs the comparisons behind the papers' claims (gradient flow: magnitude vs loss "
         "preservation, gradient-norm preservation vs GraSP; Koopman: KMP vs magnitude early and at convergence; "
         "early birds: spline vs mask-distance detection epoch) once per seed on scikit-learn's digits; reports "
-        "per comparison the mean, a 95 %% confidence interval (Student t over seeds) and the per-seed values, "
-        "and whether the interval supports the claim. About 20 s per seed on 2 CPU cores; --quick under a minute.",
+        "per comparison the mean, a 95 % confidence interval (Student t over seeds) and the per-seed values, "
+        "and whether the interval supports the claim. Single-threaded: about 5 s per seed on an idle core; --quick "
+        "(3 seeds, smaller sizes) about 15 s.",
     )
     study.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; 3 with --quick)")
     study.add_argument("--quick", action="store_true", help="small sizes and 3 seeds (CI)")
