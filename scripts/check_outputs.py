@@ -16,11 +16,26 @@ def png(path: Path) -> None:
     assert image.ndim == 3 and min(image.shape[:2]) > 100, f"{path}: not a usable image ({image.shape})"
 
 
+def main(demo: Path, bench: Path) -> None:
+    results = json.loads((demo / "results.json").read_text())
+    assert results["pruning"] and results["training"] and results["koopman"]["eigenvalues"], "demo results"
+    for name in ("accuracy_vs_sparsity.png", "koopman_eigenvalues.png", "mask_overlap_over_training.png"):
+        png(demo / name)
+    rows = json.loads((bench / "results.json").read_text())["rows"]
+    families = {r["family"].split("/")[0] for r in rows}  # masks/apply, masks/global, ...
+    expected = {"select", "masks", "koopman", "gradflow", "hvp", "codes", "distributed"}
+    assert expected <= families, f"bench families: {families}"
+    assert all(r["median_ms"] > 0 for r in rows)
+    png(bench / "speedups.png")
+    print(f"check_outputs: demo ({len(results['pruning'])} pruning runs) and bench ({len(rows)} rows) outputs are fine")
+
+
 STUDY_FIGURES = ("study_gradflow.png", "study_koopman.png", "study_earlybird.png")
 VERDICTS = ("supported", "not supported", "inconclusive")
 
 
 def check_study(study: Path) -> int:
+    """What `koopfast study` wrote; returns the number of comparisons."""
     data = json.loads((study / "study.json").read_text())
     comparisons = data["comparisons"]
     assert len(comparisons) == 6, f"study comparisons: {[c['name'] for c in comparisons]}"
@@ -36,27 +51,9 @@ def check_study(study: Path) -> int:
     return len(comparisons)
 
 
-def main(demo: Path, bench: Path, study: Path | None = None) -> None:
-    results = json.loads((demo / "results.json").read_text())
-    assert results["pruning"] and results["training"] and results["koopman"]["eigenvalues"], "demo results"
-    for name in ("accuracy_vs_sparsity.png", "koopman_eigenvalues.png", "mask_overlap_over_training.png"):
-        png(demo / name)
-    rows = json.loads((bench / "results.json").read_text())["rows"]
-    families = {r["family"].split("/")[0] for r in rows}  # masks/apply, masks/global, ...
-    expected = {"select", "masks", "koopman", "gradflow", "hvp", "codes", "distributed"}
-    assert expected <= families, f"bench families: {families}"
-    assert all(r["median_ms"] > 0 for r in rows)
-    png(bench / "speedups.png")
-    done = f"demo ({len(results['pruning'])} pruning runs) and bench ({len(rows)} rows)"
-    if study is not None:
-        done = (
-            f"demo ({len(results['pruning'])} pruning runs), bench ({len(rows)} rows) and study "
-            f"({check_study(study)} comparisons)"
-        )
-    print(f"check_outputs: {done} outputs are fine")
-
-
 if __name__ == "__main__":
     if len(sys.argv) not in (3, 4):
         sys.exit(__doc__)
-    main(*(Path(a) for a in sys.argv[1:]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if len(sys.argv) == 4:
+        print(f"check_outputs: study ({check_study(Path(sys.argv[3]))} comparisons) outputs are fine")
