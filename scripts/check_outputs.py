@@ -1,5 +1,6 @@
-"""Checks what `koopfast demo` and `koopfast bench` wrote: the JSON parses and holds results, and
-every PNG opens as an image of a reasonable size. Usage: check_outputs.py DEMO_DIR BENCH_DIR"""
+"""Checks what `koopfast demo`, `koopfast bench` and (optionally) `koopfast study` wrote: the JSON
+parses and holds results, the study's Markdown table has a row per comparison, and every PNG opens
+as an image of a reasonable size. Usage: check_outputs.py DEMO_DIR BENCH_DIR [STUDY_DIR]"""
 
 from __future__ import annotations
 
@@ -46,5 +47,30 @@ def main(demo: Path, bench: Path) -> None:
     print(f"check_outputs: demo ({len(results['pruning'])} pruning runs) and bench ({len(rows)} rows) outputs are fine")
 
 
+STUDY_FIGURES = ("study_gradflow.png", "study_koopman.png", "study_earlybird.png")
+VERDICTS = ("supported", "not supported", "inconclusive")
+
+
+def check_study(study: Path) -> int:
+    """What `koopfast study` wrote; returns the number of comparisons."""
+    data = json.loads((study / "study.json").read_text())
+    comparisons = data["comparisons"]
+    assert len(comparisons) == 6, f"study comparisons: {[c['name'] for c in comparisons]}"
+    for c in comparisons:
+        assert len(c["per_seed"]) == len(data["seeds"]) >= 2, f"{c['name']}: per-seed values"
+        assert c["verdict"].startswith(VERDICTS), f"{c['name']}: verdict {c['verdict']!r}"
+        if c["n"] >= 2:
+            assert c["low"] <= c["mean"] <= c["high"], f"{c['name']}: interval"
+    rows = [line for line in (study / "study.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + len(comparisons), f"study.md: {len(rows)} table rows"  # the header and one per claim
+    for name in STUDY_FIGURES:
+        png(study / name)
+    return len(comparisons)
+
+
 if __name__ == "__main__":
+    if len(sys.argv) not in (3, 4):
+        sys.exit(__doc__)
     main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if len(sys.argv) == 4:
+        print(f"check_outputs: study ({check_study(Path(sys.argv[3]))} comparisons) outputs are fine")

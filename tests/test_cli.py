@@ -1,4 +1,5 @@
-"""The command line: `koopfast demo` and `koopfast bench` run and write what they say they write."""
+"""The command line: `koopfast demo`, `koopfast study` and `koopfast bench` run and write what they
+say they write."""
 
 from __future__ import annotations
 
@@ -56,6 +57,33 @@ def test_demo_writes_results_and_plots(tmp_path, capsys):
         assert_png(path)
 
 
+def test_study_writes_its_table_json_and_figures(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    out = tmp_path / "study"
+    try:
+        assert cli.main(["study", "--quick", "--seeds", "2", "--out", str(out), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the command runs single-threaded
+    printed = capsys.readouterr().out
+    assert "Student's t" in printed and "| verdict |" in printed
+    results = json.loads((out / "study.json").read_text())
+    assert results["seeds"] == [0, 1] and results["config"]["quick"]
+    names = [c["name"] for c in results["comparisons"]]
+    assert names == ["magnitude_vs_loss_preservation", "gnp_vs_grasp", "kmp_overlap_late_minus_early",
+                     "kmp_accuracy_gap_late", "kmp_accuracy_gap_early_minus_late",
+                     "spline_fires_before_mask_distance"]  # fmt: skip
+    for c in results["comparisons"]:
+        assert len(c["per_seed"]) == 2 and c["verdict"].split(":")[0] in ("supported", "not supported", "inconclusive")
+    table = (out / "study.md").read_text()
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + len(names)
+    assert "\\|θg\\|" in table  # a |…| inside a cell is escaped, not a cell edge
+    figures = ["study_gradflow.png", "study_koopman.png", "study_earlybird.png"]
+    for name in figures:
+        assert_png(out / name)
+    again = plots.study_figures(results, tmp_path)  # drawn from the JSON alone
+    assert [p.name for p in again] == figures
+
+
 def test_bench_writes_results_and_a_chart(tmp_path, capsys):
     out = tmp_path / "bench"
     assert (
@@ -86,5 +114,7 @@ def test_bad_options_are_reported(capsys):
     assert cli.main(["demo", "--epochs", "1", "--out", "unused"]) == 2
     assert "expected at least 2 epochs" in capsys.readouterr().err
     assert cli.main(["bench", "--only", "nope"]) == 2
+    assert cli.main(["study", "--seeds", "1", "--out", "unused"]) == 2
+    assert "expected seeds to be an int >= 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["--help"])

@@ -57,35 +57,3 @@ def test_stronger_truncation_changes_the_answer(trained):
     kept = sum(int(m.sum()) for m in a.values())
     overlap = sum(int((a[n] & b[n]).sum()) for n in a) / kept
     assert overlap < 0.95
-
-
-def prune_accuracy(model, masks, split):
-    pruned = _digits.mlp((128,), seed=0)
-    pruned.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        for name, p in pruned.named_parameters():
-            p.mul_(masks[name])
-    return _digits.accuracy(pruned, split.x_test, split.y_test)
-
-
-def overlap(a, b):
-    return sum(int((a[n] & b[n]).sum()) for n in a) / sum(int(m.sum()) for m in a.values())
-
-
-def test_kmp_approaches_magnitude_pruning_as_training_converges(trained):
-    """The paper's claim: KMP ≈ global magnitude pruning at convergence, not before."""
-    split, early_model, early_rec = trained
-    early = kf.masks.global_topk(kf.criteria.koopman_magnitude(kf.DMD().fit(early_rec)), 0.5)
-    assert overlap(early, kf.masks.global_topk(kf.criteria.magnitude(early_model), 0.5)) < 0.8
-
-    model = _digits.mlp((128,), seed=0)
-    opt = _digits.train(model, split, steps=1500, seed=5)
-    rec = kf.TrajectoryRecorder(model, capacity=66)
-    rec.record()
-    _digits.train(model, split, steps=65, seed=0, optimizer=opt, after_step=lambda i: rec.record())
-    kmp = kf.masks.global_topk(kf.criteria.koopman_magnitude(kf.DMD().fit(rec)), 0.5)
-    mag = kf.masks.global_topk(kf.criteria.magnitude(model), 0.5)
-    assert overlap(kmp, mag) > 0.97
-    dense = _digits.accuracy(model, split.x_test, split.y_test)
-    assert dense > 0.95
-    assert prune_accuracy(model, kmp, split) > prune_accuracy(model, mag, split) - 0.02
