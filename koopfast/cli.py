@@ -156,7 +156,7 @@ def _study(args: argparse.Namespace) -> int:
     from koopfast import study
 
     try:
-        seeds = args.seeds if args.seeds is not None else (3 if args.quick else 5)
+        seeds = args.seeds if args.seeds is not None else (3 if args.quick else 20)
         config = study.StudyConfig.quick_config(seeds) if args.quick else study.StudyConfig(seeds=seeds)
     except ValueError as exc:
         print(exc, file=sys.stderr)
@@ -222,7 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and whether the interval supports the claim. Single-threaded: about 5 s per seed on an idle core; --quick "
         "(3 seeds, smaller sizes) about 15 s.",
     )
-    study.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; 3 with --quick)")
+    study.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="number of seeds (default 20: fewer leave three of the six claims inconclusive; 3 with --quick)",
+    )
     study.add_argument("--quick", action="store_true", help="small sizes and 3 seeds (CI)")
     study.add_argument("--out", default="koopfast-study", help="output folder (default: ./koopfast-study)")
     study.add_argument("--no-progress", action="store_true", help="no progress bars")
