@@ -96,20 +96,27 @@ __device__ KF_INLINE void tiles_of(const TensorView& a, const TensorView& b, int
   }
 }
 
-template <ScoreKind SK, class C, class F>
-__device__ KF_INLINE void for_each_tile(const TensorView& a, const TensorView& b, int64_t begin, int64_t end, F& f) {
-  switch (a.dtype) {
-    case DType::Float16: tiles_of<SK, C, c10::Half>(a, b, begin, end, f); break;
-    case DType::BFloat16: tiles_of<SK, C, c10::BFloat16>(a, b, begin, end, f); break;
-    case DType::Float32: tiles_of<SK, C, float>(a, b, begin, end, f); break;
-    case DType::Float64: tiles_of<SK, C, double>(a, b, begin, end, f); break;
-    default: break;  // rejected by prepare_select_inputs
+// g(TypeTag<S>) for the stored type S of a floating dtype (others are rejected by
+// prepare_select_inputs and do nothing here).
+template <class G>
+__device__ KF_INLINE void with_stored_type(DType d, G&& g) {
+  switch (d) {
+    case DType::Float16: g(TypeTag<c10::Half>{}); break;
+    case DType::BFloat16: g(TypeTag<c10::BFloat16>{}); break;
+    case DType::Float32: g(TypeTag<float>{}); break;
+    case DType::Float64: g(TypeTag<double>{}); break;
+    default: break;
   }
 }
 
+template <ScoreKind SK, class C, class F>
+__device__ KF_INLINE void for_each_tile(const TensorView& a, const TensorView& b, int64_t begin, int64_t end, F& f) {
+  with_stored_type(a.dtype, [&](auto tag) { tiles_of<SK, C, typename decltype(tag)::type>(a, b, begin, end, f); });
+}
+
 // f(i0, scores) for runs of kVec consecutive elements [i0, i0 + kVec) of [begin, end), thread j
-// of the block taking the j-th run of each tile of kVec * blockDim.x elements; scores past the
-// end are not computed (f gets end too). Used where each thread writes kVec outputs at once.
+// of the block taking the j-th run of each tile of kVec * blockDim.x elements; scores past end are
+// not computed (they read as 0: f must stop at end). Used where each thread writes kVec outputs.
 constexpr int kVec = 16;
 
 template <ScoreKind SK, class C, class S, class F>
@@ -127,13 +134,7 @@ __device__ KF_INLINE void vec_tiles_of(const TensorView& a, const TensorView& b,
 template <ScoreKind SK, class C, class F>
 __device__ KF_INLINE void for_each_vec_tile(const TensorView& a, const TensorView& b, int64_t begin, int64_t end,
                                             F& f) {
-  switch (a.dtype) {
-    case DType::Float16: vec_tiles_of<SK, C, c10::Half>(a, b, begin, end, f); break;
-    case DType::BFloat16: vec_tiles_of<SK, C, c10::BFloat16>(a, b, begin, end, f); break;
-    case DType::Float32: vec_tiles_of<SK, C, float>(a, b, begin, end, f); break;
-    case DType::Float64: vec_tiles_of<SK, C, double>(a, b, begin, end, f); break;
-    default: break;  // rejected by prepare_select_inputs
-  }
+  with_stored_type(a.dtype, [&](auto tag) { vec_tiles_of<SK, C, typename decltype(tag)::type>(a, b, begin, end, f); });
 }
 
 // ---- select_threshold -------------------------------------------------------------------------------
