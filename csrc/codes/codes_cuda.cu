@@ -3,10 +3,15 @@
 // sign_codes: one warp per output word: each lane compares two elements (coalesced reads along the
 // innermost dimension) and two __ballot_sync calls assemble the 64 bits. Grid-stride over words.
 // hamming_distance: one warp per chunk (make_code_chunks, as on the CPU); per row, lanes stride over
-// the words with __popcll, a warp reduction, and one atomicAdd per row and chunk.
+// the words with __popcll, a warp reduction, and one atomicAdd per row and chunk. Its table goes up
+// with the shared upload_sections (one pinned buffer, one asynchronous copy).
 // pairwise_hamming: one 16x16 thread block per 16x16 tile of the upper triangle of the distance
 // matrix, 32 words of each of its 32 rows staged in shared memory per step; the tile is written to
-// both halves.
+// both halves. Block rows loop over tile rows, so any number of units works (as on the CPU).
+//
+// Verified: compiles for sm_90 (scripts/check_cuda_compiles.sh), links and registers against a
+// CUDA build of torch (scripts/check_cuda_build.sh). NOT verified: nothing here has run on a GPU.
+// On a GPU machine tests/ops/test_codes.py (device-parametrized) exercises every kernel here.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -19,7 +24,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -156,34 +160,19 @@ std::vector<at::Tensor> hamming_distance_cuda(at::TensorList a, at::TensorList b
   const std::vector<CodeChunk> chunks = make_code_chunks(in.a);
   if (chunks.empty()) return out;
 
-  // One pinned staging buffer and one asynchronous copy for the whole table (as upload_table):
-  // [a matrices][b matrices][chunks][output pointers], every section 8-byte aligned.
-  static_assert(sizeof(CodeMatrix) % 8 == 0 && sizeof(CodeChunk) % 8 == 0, "8-byte aligned sections");
-  const size_t a_bytes = in.a.size() * sizeof(CodeMatrix);
-  const size_t b_bytes = in.b.size() * sizeof(CodeMatrix);
-  const size_t c_bytes = chunks.size() * sizeof(CodeChunk);
-  const size_t o_bytes = dst.size() * sizeof(int64_t*);
-  const size_t total = a_bytes + b_bytes + c_bytes + o_bytes;
-  at::Tensor host = at::empty({static_cast<int64_t>(total)}, at::TensorOptions().dtype(c10::kByte).pinned_memory(true));
-  auto* h = static_cast<char*>(host.data_ptr());
-  std::memcpy(h, in.a.data(), a_bytes);
-  std::memcpy(h + a_bytes, in.b.data(), b_bytes);
-  std::memcpy(h + a_bytes + b_bytes, chunks.data(), c_bytes);
-  std::memcpy(h + a_bytes + b_bytes + c_bytes, dst.data(), o_bytes);
-  at::Tensor table = at::empty({host.numel()}, at::TensorOptions().dtype(c10::kByte).device(a[0].device()));
-  table.copy_(host, /*non_blocking=*/true);
-  auto* d = static_cast<char*>(table.data_ptr());
+  const UploadedSections up =
+      upload_sections({section_of(in.a), section_of(in.b), section_of(chunks), section_of(dst)}, a[0].device());
   HammingTable t;
-  t.a = reinterpret_cast<const CodeMatrix*>(d);
-  t.b = in.b.empty() ? nullptr : reinterpret_cast<const CodeMatrix*>(d + a_bytes);
-  t.chunks = reinterpret_cast<const CodeChunk*>(d + a_bytes + b_bytes);
-  t.out = reinterpret_cast<int64_t* const*>(d + a_bytes + b_bytes + c_bytes);
+  t.a = reinterpret_cast<const CodeMatrix*>(up.at[0]);
+  t.b = in.b.empty() ? nullptr : reinterpret_cast<const CodeMatrix*>(up.at[1]);
+  t.chunks = reinterpret_cast<const CodeChunk*>(up.at[2]);
+  t.out = reinterpret_cast<int64_t* const*>(up.at[3]);
   t.num_chunks = static_cast<int64_t>(chunks.size());
 
   const int grid = grid_size((t.num_chunks + kWarpsPerBlock - 1) / kWarpsPerBlock);
   hamming_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(t);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;  // `table` is freed to the caching allocator, stream-ordered after the kernel
+  return out;  // `up.storage` is freed to the caching allocator, stream-ordered after the kernel
 }
 
 // ---- pairwise_hamming ---------------------------------------------------------------------------
@@ -191,12 +180,9 @@ std::vector<at::Tensor> hamming_distance_cuda(at::TensorList a, at::TensorList b
 constexpr int kPairTile = 16;   // rows per tile side; a block is kPairTile x kPairTile threads
 constexpr int kPairWords = 32;  // words per row staged per step
 
-__global__ void __launch_bounds__(kPairTile* kPairTile) pairwise_kernel(CodeMatrix c, int64_t* out) {
-  const int64_t I = blockIdx.y;
-  const int64_t J = blockIdx.x;
-  if (J < I) return;  // block-uniform: the lower triangle is written by the mirrored tile
-  __shared__ long long rows_i[kPairTile][kPairWords + 1];  // +1: no bank conflicts on column reads
-  __shared__ long long rows_j[kPairTile][kPairWords + 1];
+// Tile (I, J), I <= J: the distances between rows [16 I, 16 I + 16) and [16 J, 16 J + 16).
+__device__ KF_INLINE void pairwise_tile(const CodeMatrix& c, int64_t I, int64_t J, int64_t* out,
+                                        long long (*rows_i)[kPairWords + 1], long long (*rows_j)[kPairWords + 1]) {
   const int tx = threadIdx.x;
   const int ty = threadIdx.y;
   const int tid = ty * kPairTile + tx;
@@ -224,18 +210,28 @@ __global__ void __launch_bounds__(kPairTile* kPairTile) pairwise_kernel(CodeMatr
   }
 }
 
+// Block (x, y) takes tiles (I, J = x) for I = y, y + gridDim.y, ...: gridDim.y stays within its
+// limit of 65535 for any number of rows (the CPU kernel has no such limit either).
+__global__ void __launch_bounds__(kPairTile* kPairTile) pairwise_kernel(CodeMatrix c, int64_t tiles, int64_t* out) {
+  __shared__ long long rows_i[kPairTile][kPairWords + 1];  // +1: no bank conflicts on column reads
+  __shared__ long long rows_j[kPairTile][kPairWords + 1];
+  const int64_t J = blockIdx.x;
+  for (int64_t I = blockIdx.y; I <= J && I < tiles; I += gridDim.y) {  // block-uniform
+    pairwise_tile(c, I, J, out, rows_i, rows_j);
+  }
+}
+
 at::Tensor pairwise_hamming_cuda(const at::Tensor& codes) {
   constexpr const char* op = "pairwise_hamming";
   const CodeMatrix c = code_matrix(op, codes, "codes");
   const c10::cuda::CUDAGuard guard(codes.device());
-  const int64_t tiles = (c.rows + kPairTile - 1) / kPairTile;
-  KF_CHECK_VALUE(tiles <= 65535, op, "expected codes with at most ", int64_t{65535} * kPairTile,
-                 " units (rows) on CUDA, got ", c.rows);
   at::Tensor out = at::empty({c.rows, c.rows}, codes.options().dtype(c10::kLong));
   if (c.rows == 0) return out;
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles));
+  // rows^2 int64 were allocated, so tiles = rows / 16 is far below gridDim.x's limit of 2^31 - 1.
+  const int64_t tiles = (c.rows + kPairTile - 1) / kPairTile;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(std::min<int64_t>(tiles, 65535)));
   const dim3 block(kPairTile, kPairTile);
-  pairwise_kernel<<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(c, out.data_ptr<int64_t>());
+  pairwise_kernel<<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(c, tiles, out.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

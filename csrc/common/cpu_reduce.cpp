@@ -1,6 +1,7 @@
 #include "common/cpu_reduce.h"
 
 #include "common/dispatch.h"
+#include "common/sum_order.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define KF_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -11,6 +12,9 @@
 namespace koopfast {
 namespace {
 
+// The lane order of common/sum_order.h (the CUDA kernels reproduce it: keep them in step).
+static_assert(kDotLanes == 8, "the loops below hold eight lanes");
+
 template <class T>
 inline double dot_impl(const double* x, const T* y, int64_t n) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -19,12 +23,7 @@ inline double dot_impl(const double* x, const T* y, int64_t n) {
     for (int k = 0; k < 8; ++k) acc[k] += x[i + k] * widen<double>(y[i + k]);
   }
   for (; i < n; ++i) acc[i & 7] += x[i] * widen<double>(y[i]);
-  return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-}
-
-
-inline double combine8(const double* acc) {
-  return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+  return combine_lanes(acc);
 }
 
 template <class T>
@@ -39,7 +38,7 @@ inline void dot4_impl(const double* x, const T* const y[4], int64_t n, double ou
   for (; i < n; ++i) {
     for (int r = 0; r < 4; ++r) acc[r][i & 7] += x[i] * widen<double>(y[r][i]);
   }
-  for (int r = 0; r < 4; ++r) out[r] = combine8(acc[r]);
+  for (int r = 0; r < 4; ++r) out[r] = combine_lanes(acc[r]);
 }
 
 }  // namespace

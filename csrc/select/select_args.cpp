@@ -59,8 +59,8 @@ SelectInputs prepare_select_inputs(const char* op, at::TensorList a, at::TensorL
   return in;
 }
 
-void check_threshold_args(const char* op, const SelectInputs& in, const at::Tensor& a0, const at::Tensor& threshold,
-                          const at::Tensor& stats) {
+ThresholdStats check_threshold_args(const char* op, const SelectInputs& in, const at::Tensor& a0,
+                                    const at::Tensor& threshold, const at::Tensor& stats) {
   const auto want = in.wide ? c10::kDouble : c10::kFloat;
   KF_CHECK_VALUE(threshold.dim() == 0, op, "expected threshold to be a 0-dim tensor, got shape ", threshold.sizes());
   KF_CHECK_TYPE(threshold.scalar_type() == want, op, "expected threshold to be ", want,
@@ -71,6 +71,14 @@ void check_threshold_args(const char* op, const SelectInputs& in, const at::Tens
   KF_CHECK_VALUE(threshold.device() == a0.device() && stats.device() == a0.device(), op,
                  "expected threshold and stats on ", a0.device(), ", got ", threshold.device(), " and ",
                  stats.device());
+  const at::Tensor host = stats.is_cpu() ? stats : stats.to(c10::kCPU);
+  const at::Tensor values = host.contiguous();
+  const int64_t* st = values.data_ptr<int64_t>();
+  KF_CHECK_VALUE(st[kNanTensor] < 0, op, "expected stats of NaN-free scores, got stats reporting NaN in a[",
+                 st[kNanTensor], "]");
+  KF_CHECK_VALUE(st[kNumTiesKept] >= 0 && st[kNumTiesKept] <= st[kNumEqual], op,
+                 "expected stats with 0 <= ties kept <= ties, got ", st[kNumTiesKept], " and ", st[kNumEqual]);
+  return {st[kNumGreater], st[kNumEqual], st[kNumTiesKept]};
 }
 
 // ---- devices without a kernel, and calls without any tensor -----------------------------------------

@@ -25,8 +25,20 @@ struct SelectInputs {
 // entry with the same shape and dtype) and the score name, and builds the kernel views.
 SelectInputs prepare_select_inputs(const char* op, at::TensorList a, at::TensorList b, std::string_view score);
 
-// Checks the threshold/stats pair produced by select_threshold against the inputs.
-void check_threshold_args(const char* op, const SelectInputs& in, const at::Tensor& a0,
-                          const at::Tensor& threshold, const at::Tensor& stats);
+// The counts in a stats tensor (layout: SelectStat), read to the host.
+struct ThresholdStats {
+  int64_t n_greater = 0;
+  int64_t n_equal = 0;
+  int64_t ties_kept = 0;
+
+  bool keep_all_ties() const { return ties_kept == n_equal; }
+};
+
+// Checks the threshold/stats pair produced by select_threshold against the inputs, and the stats'
+// values (NaN-free, 0 <= ties kept <= ties), on every backend alike. Stats on a device are read
+// with one small copy to the host (a synchronization; koopfast.masks reads the NaN entry between
+// select_threshold and topk_mask anyway).
+ThresholdStats check_threshold_args(const char* op, const SelectInputs& in, const at::Tensor& a0,
+                                    const at::Tensor& threshold, const at::Tensor& stats);
 
 }  // namespace koopfast

@@ -2,10 +2,21 @@
 //
 // select_threshold: ceil(key bits / 11) histogram passes, each a grid-stride loop over fixed-size
 // chunks of all tensors with a 2^11-bin shared-memory histogram per block (AIR top-k's digit
-// width), flushed to one global histogram; a one-block kernel then narrows the key range (the
-// same range_descend as the CPU). The state lives on the device: no host synchronization.
-// topk_mask: one pass writes the masks and, when only some ties are kept, counts ties per chunk;
-// a one-block scan and a fix-up pass hand the kept ties out in (tensor, flat index) order.
+// width; lanes of a warp that fall into one bin add once), flushed to one global histogram; a
+// one-block kernel then narrows the key range (the same range_descend as the CPU). The state
+// lives on the device: no host synchronization.
+// topk_mask: the stats are checked on the host by the shared argument layer (one small copy, as on
+// the CPU: check_threshold_args); one pass writes the masks 16 bools per 16-byte store and, when
+// only some ties are kept, counts ties per chunk; a one-block scan and a fix-up pass (launched only
+// then) hand the kept ties out in (tensor, flat index) order.
+// Each block copies the views of its current chunk into shared memory once per chunk.
+//
+// Verified: compiles for sm_90 (scripts/check_cuda_compiles.sh), links and registers against a
+// CUDA build of torch (scripts/check_cuda_build.sh). NOT verified: nothing here has run on a GPU;
+// neither the results nor the speed of the warp-aggregated histogram and the 16-byte mask stores
+// have been measured. On a GPU machine tests/ops/test_select.py (every test takes the `device`
+// fixture, cuda included: reference twins, ties, NaN, chunk boundaries, strided operands, opcheck,
+// torch.compile, invalid stats) exercises every kernel here.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -31,6 +42,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kCudaDigitWidth = 11;
 constexpr int kCudaBins = 1 << kCudaDigitWidth;
+constexpr unsigned kFullMask = 0xffffffffu;
 
 template <class K>
 struct DeviceSelectState {
@@ -38,39 +50,91 @@ struct DeviceSelectState {
   long long nan_tensor;  // first tensor index with a NaN score, LLONG_MAX if none
 };
 
+// Scores of one chunk's operands. The views live in shared memory (load_views); their data pointers
+// and layout are read once per chunk into registers, and only strided operands consult the view's
+// sizes and strides per element.
 template <ScoreKind SK, class C, class S>
-__device__ KF_INLINE C score_at(const TensorView& a, const TensorView& b, int64_t i) {
-  const S* pa = static_cast<const S*>(a.data);
-  const S x = a.contiguous() ? pa[i] : pa[a.offset(i)];
-  S y = x;
-  if constexpr (score_is_binary(SK)) {
-    const S* pb = static_cast<const S*>(b.data);
-    y = b.contiguous() ? pb[i] : pb[b.offset(i)];
+struct ScoreReader {
+  const TensorView& a;
+  const TensorView& b;
+  const S* pa;
+  const S* pb;
+  bool contiguous;
+
+  __device__ KF_INLINE ScoreReader(const TensorView& va, const TensorView& vb)
+      : a(va), b(vb), pa(static_cast<const S*>(va.data)), pb(static_cast<const S*>(vb.data)),
+        contiguous(va.contiguous() && (!score_is_binary(SK) || vb.contiguous())) {}
+
+  __device__ KF_INLINE C operator()(int64_t i) const {
+    const S x = contiguous ? pa[i] : pa[a.offset(i)];
+    S y = x;
+    if constexpr (score_is_binary(SK)) y = contiguous ? pb[i] : pb[b.offset(i)];
+    return score_of<SK, C>(widen<C>(x), widen<C>(y));
   }
-  return score_of<SK, C>(widen<C>(x), widen<C>(y));
+};
+
+// Copies the views of chunk ch into shared memory; every thread of the block calls it, and calls
+// __syncthreads() before the next load_views (the views are rewritten there).
+__device__ KF_INLINE void load_views(const DeviceTable& t, const Chunk& ch, SharedView& a, SharedView& b) {
+  if (threadIdx.x == 0) {
+    view_in(a) = t.a[ch.tensor];
+    view_in(b) = t.b[ch.tensor];
+  }
+  __syncthreads();
 }
 
 // f(i, valid, score) for tiles of blockDim.x consecutive elements of [begin, end): every thread
 // of the block calls f the same number of times (valid is false past the end), so f may
-// synchronize the block.
+// synchronize the block or the warp.
 template <ScoreKind SK, class C, class S, class F>
 __device__ KF_INLINE void tiles_of(const TensorView& a, const TensorView& b, int64_t begin, int64_t end, F& f) {
+  const ScoreReader<SK, C, S> score(a, b);
   for (int64_t base = begin; base < end; base += blockDim.x) {
     const int64_t i = base + threadIdx.x;
     const bool valid = i < end;
-    f(i, valid, valid ? score_at<SK, C, S>(a, b, i) : C(0));
+    f(i, valid, valid ? score(i) : C(0));
+  }
+}
+
+// g(TypeTag<S>) for the stored type S of a floating dtype (others are rejected by
+// prepare_select_inputs and do nothing here).
+template <class G>
+__device__ KF_INLINE void with_stored_type(DType d, G&& g) {
+  switch (d) {
+    case DType::Float16: g(TypeTag<c10::Half>{}); break;
+    case DType::BFloat16: g(TypeTag<c10::BFloat16>{}); break;
+    case DType::Float32: g(TypeTag<float>{}); break;
+    case DType::Float64: g(TypeTag<double>{}); break;
+    default: break;
   }
 }
 
 template <ScoreKind SK, class C, class F>
 __device__ KF_INLINE void for_each_tile(const TensorView& a, const TensorView& b, int64_t begin, int64_t end, F& f) {
-  switch (a.dtype) {
-    case DType::Float16: tiles_of<SK, C, c10::Half>(a, b, begin, end, f); break;
-    case DType::BFloat16: tiles_of<SK, C, c10::BFloat16>(a, b, begin, end, f); break;
-    case DType::Float32: tiles_of<SK, C, float>(a, b, begin, end, f); break;
-    case DType::Float64: tiles_of<SK, C, double>(a, b, begin, end, f); break;
-    default: break;  // rejected by prepare_select_inputs
+  with_stored_type(a.dtype, [&](auto tag) { tiles_of<SK, C, typename decltype(tag)::type>(a, b, begin, end, f); });
+}
+
+// f(i0, scores) for runs of kVec consecutive elements [i0, i0 + kVec) of [begin, end), thread j
+// of the block taking the j-th run of each tile of kVec * blockDim.x elements; scores past end are
+// not computed (they read as 0: f must stop at end). Used where each thread writes kVec outputs.
+constexpr int kVec = 16;
+
+template <ScoreKind SK, class C, class S, class F>
+__device__ KF_INLINE void vec_tiles_of(const TensorView& a, const TensorView& b, int64_t begin, int64_t end, F& f) {
+  const ScoreReader<SK, C, S> score(a, b);
+  for (int64_t i0 = begin + static_cast<int64_t>(threadIdx.x) * kVec; i0 < end;
+       i0 += static_cast<int64_t>(blockDim.x) * kVec) {
+    C s[kVec];
+#pragma unroll
+    for (int u = 0; u < kVec; ++u) s[u] = i0 + u < end ? score(i0 + u) : C(0);
+    f(i0, s);
   }
+}
+
+template <ScoreKind SK, class C, class F>
+__device__ KF_INLINE void for_each_vec_tile(const TensorView& a, const TensorView& b, int64_t begin, int64_t end,
+                                            F& f) {
+  with_stored_type(a.dtype, [&](auto tag) { vec_tiles_of<SK, C, typename decltype(tag)::type>(a, b, begin, end, f); });
 }
 
 // ---- select_threshold -------------------------------------------------------------------------------
@@ -92,24 +156,36 @@ __global__ void __launch_bounds__(kThreads) select_hist_kernel(DeviceTable t, De
                                                                unsigned long long* hist) {
   using K = typename KeyOf<C>::type;
   __shared__ unsigned int block_hist[kCudaBins];
+  __shared__ SharedView va, vb;
   const RangeState<K> st = state->range;
   const RangeBins<K> g = range_bins(st, kCudaDigitWidth);
   const K span = st.hi - st.lo;
+  const unsigned lane = threadIdx.x & 31u;
   for (int i = threadIdx.x; i < kCudaBins; i += blockDim.x) block_hist[i] = 0;
   __syncthreads();
   for (int64_t c = blockIdx.x; c < t.num_chunks; c += gridDim.x) {
     const Chunk ch = t.chunks[c];
+    load_views(t, ch, va, vb);
     bool nan = false;
     auto body = [&](int64_t, bool valid, C s) {
-      if (!valid) return;
-      nan |= (s != s);
+      nan |= valid && (s != s);
       const K key = to_key(s);
-      if (K(key - st.lo) <= span) atomicAdd(&block_hist[static_cast<int>(K(key - st.lo) >> g.shift)], 1u);
+      const bool inside = valid && K(key - st.lo) <= span;
+      const int bin = inside ? static_cast<int>(K(key - st.lo) >> g.shift) : -1;
+      // Warp-aggregated: the lanes of a warp that share a bin add once, by their lowest lane. Weight-
+      // like data puts most of a warp into a few bins in the first pass, where per-lane shared-memory
+      // atomics on one address serialize. Every lane of the warp gets here together (tiles_of).
+      if (__any_sync(kFullMask, inside)) {
+        const unsigned peers = __match_any_sync(kFullMask, bin);
+        if (inside && lane == static_cast<unsigned>(__ffs(peers) - 1)) {
+          atomicAdd(&block_hist[bin], static_cast<unsigned>(__popc(peers)));
+        }
+      }
     };
-    for_each_tile<SK, C>(t.a[ch.tensor], t.b[ch.tensor], ch.begin, ch.end, body);
+    for_each_tile<SK, C>(view_in(va), view_in(vb), ch.begin, ch.end, body);
     if (nan) atomicMin(&state->nan_tensor, static_cast<long long>(ch.tensor));
+    __syncthreads();  // va, vb are rewritten for the next chunk
   }
-  __syncthreads();
   for (int i = threadIdx.x; i < g.count; i += blockDim.x) {
     if (block_hist[i] != 0) atomicAdd(&hist[i], static_cast<unsigned long long>(block_hist[i]));
   }
@@ -194,36 +270,50 @@ std::tuple<at::Tensor, at::Tensor> select_threshold_cuda(at::TensorList a, at::T
 using TieReduce = cub::BlockReduce<long long, kThreads>;
 using TieScan = cub::BlockScan<int, kThreads>;
 
+// Masks are written kVec = 16 bools per thread with one 16-byte store (1-byte stores reach about a
+// quarter of the store bandwidth, shared/docs/perf.md): the masks are fresh contiguous tensors, and
+// chunks start at multiples of 2^16, so every full run is 16-byte aligned.
 template <ScoreKind SK, class C>
-__global__ void __launch_bounds__(kThreads) mask_kernel(DeviceTable t, const C* threshold, const int64_t* stats,
+__global__ void __launch_bounds__(kThreads) mask_kernel(DeviceTable t, const C* threshold, bool keep_all_ties,
                                                         long long* chunk_ties) {
+  static_assert(kVec == 16 && kChunkElems % kVec == 0, "one uint4 store per run; runs never straddle chunks");
   __shared__ typename TieReduce::TempStorage reduce_storage;
+  __shared__ SharedView va, vb;
   const C thr = *threshold;
-  const bool keep_all_ties = stats[kNumTiesKept] == stats[kNumEqual];
   for (int64_t c = blockIdx.x; c < t.num_chunks; c += gridDim.x) {
     const Chunk ch = t.chunks[c];
+    load_views(t, ch, va, vb);
     bool* out = static_cast<bool*>(t.out[ch.tensor]);
     long long ties = 0;
-    auto body = [&](int64_t i, bool valid, C s) {
-      if (!valid) return;
-      out[i] = keep_all_ties ? s >= thr : s > thr;
-      ties += (s == thr);
+    auto body = [&](int64_t i0, const C (&s)[kVec]) {
+      const int n = ch.end - i0 < kVec ? static_cast<int>(ch.end - i0) : kVec;
+      uint32_t words[kVec / 4] = {0, 0, 0, 0};
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) {
+        const bool keep = u < n && (keep_all_ties ? s[u] >= thr : s[u] > thr);
+        words[u / 4] |= static_cast<uint32_t>(keep) << (8 * (u % 4));  // byte u, little-endian
+        ties += u < n && s[u] == thr;
+      }
+      if (n == kVec) {
+        *reinterpret_cast<uint4*>(out + i0) = make_uint4(words[0], words[1], words[2], words[3]);
+      } else {
+        for (int u = 0; u < n; ++u) out[i0 + u] = (words[u / 4] >> (8 * (u % 4))) & 1u;
+      }
     };
-    for_each_tile<SK, C>(t.a[ch.tensor], t.b[ch.tensor], ch.begin, ch.end, body);
+    for_each_vec_tile<SK, C>(view_in(va), view_in(vb), ch.begin, ch.end, body);
     if (!keep_all_ties) {
       const long long total = TieReduce(reduce_storage).Sum(ties);
       if (threadIdx.x == 0) chunk_ties[c] = total;
-      __syncthreads();  // reduce_storage is reused by the next chunk
     }
+    __syncthreads();  // reduce_storage, va and vb are reused by the next chunk
   }
 }
 
 // Exclusive prefix sum of chunk_ties into ties_before, by one block.
 __global__ void __launch_bounds__(kThreads) tie_prefix_kernel(const long long* chunk_ties, long long* ties_before,
-                                                              int64_t num_chunks, const int64_t* stats) {
+                                                              int64_t num_chunks) {
   using Scan = cub::BlockScan<long long, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
-  if (stats[kNumTiesKept] == stats[kNumEqual]) return;
   long long carry = 0;
   for (int64_t base = 0; base < num_chunks; base += kThreads) {
     const int64_t c = base + threadIdx.x;
@@ -237,16 +327,16 @@ __global__ void __launch_bounds__(kThreads) tie_prefix_kernel(const long long* c
 }
 
 template <ScoreKind SK, class C>
-__global__ void __launch_bounds__(kThreads) tie_fix_kernel(DeviceTable t, const C* threshold, const int64_t* stats,
+__global__ void __launch_bounds__(kThreads) tie_fix_kernel(DeviceTable t, const C* threshold, int64_t ties_kept,
                                                            const long long* chunk_ties, const long long* ties_before) {
   __shared__ typename TieScan::TempStorage scan_storage;
-  const int64_t ties_kept = stats[kNumTiesKept];
-  if (ties_kept == stats[kNumEqual]) return;
+  __shared__ SharedView va, vb;
   const C thr = *threshold;
   for (int64_t c = blockIdx.x; c < t.num_chunks; c += gridDim.x) {
     const long long quota = ties_kept - ties_before[c];
     if (chunk_ties[c] == 0 || quota <= 0) continue;  // uniform across the block
     const Chunk ch = t.chunks[c];
+    load_views(t, ch, va, vb);
     bool* out = static_cast<bool*>(t.out[ch.tensor]);
     long long seen = 0;
     auto body = [&](int64_t i, bool valid, C s) {
@@ -257,12 +347,13 @@ __global__ void __launch_bounds__(kThreads) tie_fix_kernel(DeviceTable t, const 
       seen += tile_ties;
       __syncthreads();
     };
-    for_each_tile<SK, C>(t.a[ch.tensor], t.b[ch.tensor], ch.begin, ch.end, body);
+    for_each_tile<SK, C>(view_in(va), view_in(vb), ch.begin, ch.end, body);
+    __syncthreads();  // va and vb are rewritten for the next chunk
   }
 }
 
 template <class C>
-void mask_cuda(const SelectInputs& in, const at::Tensor& threshold, const at::Tensor& stats,
+void mask_cuda(const SelectInputs& in, const at::Tensor& threshold, const ThresholdStats& stats,
                std::vector<at::Tensor>& masks) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   std::vector<void*> out;
@@ -274,14 +365,15 @@ void mask_cuda(const SelectInputs& in, const at::Tensor& threshold, const at::Te
   long long* ties_before = chunk_ties + t.num_chunks;
   const int grid = grid_size(t.num_chunks);
   const C* thr = threshold.data_ptr<C>();
-  const int64_t* st = stats.data_ptr<int64_t>();
+  const bool keep_all_ties = stats.keep_all_ties();
   dispatch_score(in.kind, [&](auto ktag) {
     constexpr ScoreKind SK = decltype(ktag)::value;
-    mask_kernel<SK, C><<<grid, kThreads, 0, stream>>>(t, thr, st, chunk_ties);
+    mask_kernel<SK, C><<<grid, kThreads, 0, stream>>>(t, thr, keep_all_ties, chunk_ties);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    tie_prefix_kernel<<<1, kThreads, 0, stream>>>(chunk_ties, ties_before, t.num_chunks, st);
+    if (keep_all_ties) return;  // the masks are complete: no tie to hand out
+    tie_prefix_kernel<<<1, kThreads, 0, stream>>>(chunk_ties, ties_before, t.num_chunks);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    tie_fix_kernel<SK, C><<<grid, kThreads, 0, stream>>>(t, thr, st, chunk_ties, ties_before);
+    tie_fix_kernel<SK, C><<<grid, kThreads, 0, stream>>>(t, thr, stats.ties_kept, chunk_ties, ties_before);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -290,16 +382,16 @@ std::vector<at::Tensor> topk_mask_cuda(at::TensorList a, at::TensorList b, std::
                                        const at::Tensor& threshold, const at::Tensor& stats) {
   constexpr const char* op = "topk_mask";
   auto in = prepare_select_inputs(op, a, b, score);
-  check_threshold_args(op, in, a[0], threshold, stats);
   const c10::cuda::CUDAGuard guard(a[0].device());
+  const ThresholdStats st = check_threshold_args(op, in, a[0], threshold, stats);
   std::vector<at::Tensor> masks;
   masks.reserve(a.size());
   for (const auto& x : a) masks.push_back(at::empty(x.sizes(), x.options().dtype(c10::kBool)));
   if (in.total == 0) return masks;
   if (in.wide) {
-    mask_cuda<double>(in, threshold, stats, masks);
+    mask_cuda<double>(in, threshold, st, masks);
   } else {
-    mask_cuda<float>(in, threshold, stats, masks);
+    mask_cuda<float>(in, threshold, st, masks);
   }
   return masks;
 }

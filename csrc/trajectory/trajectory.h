@@ -23,9 +23,13 @@
 
 namespace koopfast {
 
-// Elements per chunk of the ingest pass (partial dot products are kept per chunk).
+// Elements per chunk of the ingest and dots passes (partial dot products are kept per chunk).
 constexpr int64_t kIngestChunk = int64_t{1} << 18;
-// Elements per chunk of the combine and dots passes.
+// Elements per block within an ingest or dots chunk: each block's dot products are one
+// dot_f64 (common/sum_order.h), added to the chunk's partial sums in block order. The CUDA kernels
+// follow the same chunks, blocks and lanes, so both backends round alike.
+constexpr int64_t kDotBlock = 8192;
+// Elements per chunk of the combine pass.
 constexpr int64_t kCombineChunk = int64_t{1} << 12;
 
 // Layout of ingest's float64 output after the dot_slots entries.

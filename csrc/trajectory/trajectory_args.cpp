@@ -1,5 +1,8 @@
 #include "trajectory/trajectory_args.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/view_as_real.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
@@ -73,6 +76,40 @@ void check_vectors(const char* op, const at::Tensor& vectors, const at::Tensor& 
                 "expected vectors to be float32 or float64, got ", vectors.scalar_type());
   KF_CHECK_VALUE(vectors.device() == snapshots.device(), op, "expected vectors on ", snapshots.device(), ", got ",
                  vectors.device());
+}
+
+CombineInputs prepare_combine(const char* op, const at::Tensor& snapshots, const at::Tensor& coeffs,
+                              const c10::optional<at::Tensor>& anchor, bool wide) {
+  check_snapshots(op, snapshots);
+  check_coeffs(op, coeffs, snapshots);
+  check_anchor(op, anchor, snapshots);
+  CombineInputs in;
+  const bool complex = coeffs.is_complex();
+  in.per = complex ? 2 : 1;
+  in.capacity = snapshots.size(0);
+  in.n = snapshots.size(1);
+  in.m = coeffs.size(1);
+  in.cols = in.m * in.per;
+  in.coef = (complex ? at::view_as_real(coeffs.contiguous()) : coeffs).contiguous().view({in.capacity, in.cols});
+  const c10::ScalarType out_type =
+      complex ? (wide ? c10::kComplexDouble : c10::kComplexFloat) : (wide ? c10::kDouble : c10::kFloat);
+  in.out = at::empty({in.m, in.n}, snapshots.options().dtype(out_type));
+  return in;
+}
+
+DotsInputs prepare_dots(const char* op, const at::Tensor& snapshots, const at::Tensor& vectors,
+                        const c10::optional<at::Tensor>& anchor) {
+  check_snapshots(op, snapshots);
+  check_vectors(op, vectors, snapshots);
+  check_anchor(op, anchor, snapshots);
+  DotsInputs in;
+  in.vec = vectors.contiguous();
+  in.capacity = snapshots.size(0);
+  in.n = snapshots.size(1);
+  in.m = vectors.size(0);
+  in.rows = in.capacity + (anchor.has_value() ? 1 : 0);
+  in.out = at::zeros({in.rows, in.m}, snapshots.options().dtype(c10::kDouble));
+  return in;
 }
 
 // Devices without a kernel: a clear error instead of a dispatcher dump.

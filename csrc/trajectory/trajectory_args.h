@@ -32,4 +32,26 @@ void check_coeffs(const char* op, const at::Tensor& coeffs, const at::Tensor& sn
 // vectors: [m, N], float32 or float64, contiguous, on the buffer's device.
 void check_vectors(const char* op, const at::Tensor& vectors, const at::Tensor& snapshots);
 
+// trajectory_combine's checked arguments and its (uninitialized) output.
+struct CombineInputs {
+  at::Tensor coef;  // float64 [capacity, cols], contiguous: complex coefficients as (re, im) pairs
+  at::Tensor out;   // [m, N]: float32/float64, or complex64/complex128 for complex coefficients
+  int64_t capacity = 0, n = 0, m = 0;
+  int per = 1;       // output reals per coefficient column: 1, or 2 for complex
+  int64_t cols = 0;  // m * per
+  bool empty() const { return m == 0 || n == 0; }
+};
+CombineInputs prepare_combine(const char* op, const at::Tensor& snapshots, const at::Tensor& coeffs,
+                              const c10::optional<at::Tensor>& anchor, bool wide);
+
+// trajectory_dots's checked arguments and its zero-filled output [capacity (+ 1 with an anchor), m].
+struct DotsInputs {
+  at::Tensor vec;  // vectors, contiguous
+  at::Tensor out;
+  int64_t capacity = 0, n = 0, m = 0, rows = 0;
+  bool empty() const { return m == 0 || n == 0 || rows == 0; }
+};
+DotsInputs prepare_dots(const char* op, const at::Tensor& snapshots, const at::Tensor& vectors,
+                        const c10::optional<at::Tensor>& anchor);
+
 }  // namespace koopfast

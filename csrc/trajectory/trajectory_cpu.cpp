@@ -4,8 +4,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/view_as_real.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -26,7 +24,7 @@
 namespace koopfast {
 namespace {
 
-constexpr int64_t kBlock = 8192;  // elements per inner block: 64 KB of float64 (L2), 32 KB runs per row
+constexpr int64_t kBlock = kDotBlock;  // elements per inner block: 64 KB of float64 (L2), 32 KB runs per row
 
 // The value stored for θ: round_S(θ - a), the difference taken in float64 and rounded through
 // float32 (as torch's double -> half/bfloat16 conversion does).
@@ -199,31 +197,23 @@ void combine_cpu(const S* W, int64_t capacity, int64_t n, const double* coef, in
 at::Tensor trajectory_combine_cpu(const at::Tensor& snapshots, const at::Tensor& coeffs,
                                   const c10::optional<at::Tensor>& anchor, bool wide) {
   constexpr const char* op = "trajectory_combine";
-  check_snapshots(op, snapshots);
-  check_coeffs(op, coeffs, snapshots);
-  check_anchor(op, anchor, snapshots);
-  const bool complex = coeffs.is_complex();
-  const int per = complex ? 2 : 1;
-  const at::Tensor coef = (complex ? at::view_as_real(coeffs.contiguous()) : coeffs).contiguous();
-  const int64_t m = coeffs.size(1), n = snapshots.size(1), capacity = snapshots.size(0);
-  const c10::ScalarType out_type =
-      complex ? (wide ? c10::kComplexDouble : c10::kComplexFloat) : (wide ? c10::kDouble : c10::kFloat);
-  at::Tensor out = at::empty({m, n}, snapshots.options().dtype(out_type));
-  if (m == 0 || n == 0) return out;
+  const CombineInputs in = prepare_combine(op, snapshots, coeffs, anchor, wide);
+  if (in.empty()) return in.out;
   const float* a = anchor.has_value() ? anchor->data_ptr<float>() : nullptr;
-  void* dst = out.data_ptr();
+  void* dst = in.out.data_ptr();
   dispatch_float(to_dtype(snapshots.scalar_type(), op, "snapshots"), [&](auto stag) {
     using S = typename decltype(stag)::type;
     if constexpr (!std::is_same_v<S, double>) {
       const S* W = static_cast<const S*>(snapshots.data_ptr());
+      const double* coef = in.coef.data_ptr<double>();
       if (wide) {
-        combine_cpu<S, double>(W, capacity, n, coef.data_ptr<double>(), m * per, per, a, static_cast<double*>(dst));
+        combine_cpu<S, double>(W, in.capacity, in.n, coef, in.cols, in.per, a, static_cast<double*>(dst));
       } else {
-        combine_cpu<S, float>(W, capacity, n, coef.data_ptr<double>(), m * per, per, a, static_cast<float*>(dst));
+        combine_cpu<S, float>(W, in.capacity, in.n, coef, in.cols, in.per, a, static_cast<float*>(dst));
       }
     }
   });
-  return out;
+  return in.out;
 }
 
 // ---- dots -------------------------------------------------------------------------------------------
@@ -256,26 +246,21 @@ std::vector<double> dots_cpu(const S* W, int64_t capacity, int64_t n, const V* v
 at::Tensor trajectory_dots_cpu(const at::Tensor& snapshots, const at::Tensor& vectors,
                                const c10::optional<at::Tensor>& anchor) {
   constexpr const char* op = "trajectory_dots";
-  check_snapshots(op, snapshots);
-  check_vectors(op, vectors, snapshots);
-  check_anchor(op, anchor, snapshots);
-  const at::Tensor vec = vectors.contiguous();
-  const int64_t capacity = snapshots.size(0), n = snapshots.size(1), m = vectors.size(0);
-  const int64_t rows = capacity + (anchor.has_value() ? 1 : 0);
-  at::Tensor out = at::zeros({rows, m}, snapshots.options().dtype(c10::kDouble));
-  if (m == 0 || n == 0 || rows == 0) return out;
+  const DotsInputs in = prepare_dots(op, snapshots, vectors, anchor);
+  if (in.empty()) return in.out;
   const float* a = anchor.has_value() ? anchor->data_ptr<float>() : nullptr;
   dispatch_float(to_dtype(snapshots.scalar_type(), op, "snapshots"), [&](auto stag) {
     using S = typename decltype(stag)::type;
     if constexpr (!std::is_same_v<S, double>) {
       const S* W = static_cast<const S*>(snapshots.data_ptr());
       const std::vector<double> total =
-          vec.scalar_type() == c10::kDouble ? dots_cpu<S, double>(W, capacity, n, vec.data_ptr<double>(), m, a)
-                                            : dots_cpu<S, float>(W, capacity, n, vec.data_ptr<float>(), m, a);
-      std::copy(total.begin(), total.end(), out.data_ptr<double>());
+          in.vec.scalar_type() == c10::kDouble
+              ? dots_cpu<S, double>(W, in.capacity, in.n, in.vec.data_ptr<double>(), in.m, a)
+              : dots_cpu<S, float>(W, in.capacity, in.n, in.vec.data_ptr<float>(), in.m, a);
+      std::copy(total.begin(), total.end(), in.out.data_ptr<double>());
     }
   });
-  return out;
+  return in.out;
 }
 
 }  // namespace

@@ -272,8 +272,18 @@ def test_mixed_devices_are_rejected():
         kf.ops.select_threshold([torch.ones(2), torch.ones(2, device="cuda")], [], "abs", 1)
 
 
-def test_cpu_mask_rejects_stats_reporting_nan():
-    a = [torch.tensor([1.0, float("nan")])]
+def test_mask_rejects_stats_reporting_nan(device):
+    a = [torch.tensor([1.0, float("nan")], device=device)]
     threshold, stats = kf.ops.select_threshold(a, [], "abs", 1)
     with pytest.raises(ValueError, match=r"expected stats of NaN-free scores, got stats reporting NaN in a\[0\]"):
+        kf.ops.topk_mask(a, [], "abs", threshold, stats)
+
+
+@pytest.mark.parametrize("ties_kept", [-1, 3])
+def test_mask_rejects_stats_keeping_more_ties_than_there_are(device, ties_kept):
+    a = [torch.tensor([1.0, 2.0, 2.0, 3.0], device=device)]
+    threshold, stats = kf.ops.select_threshold(a, [], "abs", 2)
+    assert stats.tolist()[1:] == [2, 1, -1]  # one of two ties at 2.0 kept
+    stats[2] = ties_kept
+    with pytest.raises(ValueError, match=rf"expected stats with 0 <= ties kept <= ties, got {ties_kept} and 2"):
         kf.ops.topk_mask(a, [], "abs", threshold, stats)

@@ -124,6 +124,94 @@ def test_dots_match_reference(device, storage, anchored):
         assert out.shape == (4 + anchored, 3) and rel(out, ref) < 1e-12
 
 
+# ---- CUDA rounds like the CPU ---------------------------------------------------------------------
+# trajectory_cuda.cu adds float64 products in the CPU kernels' order (same chunks, 8192-element
+# blocks, eight lanes, products never fused), so the results are equal bit for bit, not just close.
+# The inputs span a wide dynamic range so that any other order of additions rounds differently
+# (test_rounding_inputs_tell_summation_orders_apart checks that on the CPU).
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def wide_range(shape, gen):
+    """Normal values scaled by up to e^±6: finite in float16, wide enough for rounding to tell orders apart."""
+    scale = torch.exp((2 * torch.randn(shape, generator=gen, dtype=torch.float64)).clamp(-6, 6))
+    return torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+
+
+def rounding_inputs(storage, anchored):
+    gen = torch.Generator().manual_seed(11)
+    params = [
+        wide_range((INGEST_CHUNK + 3 * 8192 + 5,), gen).float(),  # two chunks, a partial last block
+        wide_range((700, 13), gen).to(torch.bfloat16).t(),  # strided
+        wide_range((301,), gen),  # float64
+        wide_range((5,), gen).half(),
+    ]
+    n = sum(p.numel() for p in params)
+    snaps = wide_range((9, n), gen).to(storage)
+    anchor = (0.5 * wide_range((n,), gen)).float() if anchored else None
+    return params, snaps, anchor
+
+
+def bits(t):
+    return t.contiguous().view(torch.int64) if t.dtype == torch.float64 else t.contiguous().view(torch.int32)
+
+
+def test_rounding_inputs_tell_summation_orders_apart():
+    params, snaps, anchor = rounding_inputs(torch.float32, True)
+    slots = [0, 1, 2, 4, 5, 6, 7, 8]
+    dots, status = kf.ops.trajectory_ingest(params, snaps, 3, slots, anchor)
+    assert int(status[0]) == -1
+    row = snaps[3].double()
+    other_order = torch.cat([snaps[slots].double() @ row, (row @ row)[None], (row @ anchor.double())[None]])
+    assert rel(dots, other_order) < 1e-12
+    assert not torch.equal(bits(dots), bits(other_order)), "these inputs must round differently in another order"
+
+
+@needs_cuda
+@pytest.mark.parametrize("storage", STORAGE, ids=str)
+@pytest.mark.parametrize("anchored", [False, True])
+def test_cuda_rounds_like_cpu_ingest(storage, anchored):
+    params, snaps, anchor = rounding_inputs(storage, anchored)
+    slots = [0, 1, 2, 4, 5, 6, 7, 8]  # more than one group of four columns per chunk
+    on_gpu = snaps.cuda()
+    dots, status = kf.ops.trajectory_ingest(params, snaps, 3, slots, anchor)
+    gpu_dots, gpu_status = kf.ops.trajectory_ingest(
+        [p.cuda() for p in params], on_gpu, 3, slots, None if anchor is None else anchor.cuda()
+    )
+    assert status.tolist() == gpu_status.tolist() == [-1]
+    assert torch.equal(on_gpu.cpu(), snaps), "the stored rows must be equal"
+    assert torch.equal(bits(gpu_dots.cpu()), bits(dots)), "Gram rows must be bit-identical across backends"
+
+
+@needs_cuda
+@pytest.mark.parametrize("anchored", [False, True])
+@pytest.mark.parametrize("kind", ["real", "complex"])
+def test_cuda_rounds_like_cpu_combine(anchored, kind):
+    _, snaps, anchor = rounding_inputs(torch.bfloat16, anchored)
+    gen = torch.Generator().manual_seed(12)
+    coeffs = torch.randn(9, 5, generator=gen, dtype=torch.float64 if kind == "real" else torch.complex128)
+    coeffs[2] = 0
+    coeffs[4, 1] = 0
+    for wide in (False, True):
+        out = kf.ops.trajectory_combine(snaps, coeffs, anchor, wide)
+        gpu = kf.ops.trajectory_combine(snaps.cuda(), coeffs.cuda(), None if anchor is None else anchor.cuda(), wide)
+        real = (lambda t: t) if kind == "real" else torch.view_as_real
+        assert torch.equal(bits(real(gpu.cpu())), bits(real(out)))
+
+
+@needs_cuda
+@pytest.mark.parametrize("anchored", [False, True])
+@pytest.mark.parametrize("vdtype", [torch.float32, torch.float64], ids=str)
+def test_cuda_rounds_like_cpu_dots(anchored, vdtype):
+    _, snaps, anchor = rounding_inputs(torch.float16, anchored)
+    gen = torch.Generator().manual_seed(13)
+    vec = wide_range((3, snaps.shape[1]), gen).to(vdtype)
+    out = kf.ops.trajectory_dots(snaps, vec, anchor)
+    gpu = kf.ops.trajectory_dots(snaps.cuda(), vec.cuda(), None if anchor is None else anchor.cuda())
+    assert torch.equal(bits(gpu.cpu()), bits(out))
+
+
 def test_empty_combinations(device):
     snaps = torch.randn(3, 5, device=device)
     assert kf.ops.trajectory_combine(snaps, torch.zeros(3, 0, dtype=torch.float64, device=device), None).shape == (0, 5)
