@@ -175,17 +175,22 @@ def test_rank_and_tolerance_are_type_safe():
         kf.DMD(rtol=5)
     with pytest.raises(ValueError, match=r"DMD: expected an int rank for method='randomized'"):
         kf.DMD("randomized")
-    with pytest.raises(ValueError, match=r"DMD: expected method 'gram', 'qr' or 'randomized', got 'svd'"):
+    with pytest.raises(ValueError, match=r"DMD: expected method 'auto', 'gram', 'qr' or 'randomized', got 'svd'"):
         kf.DMD("svd")
 
 
 def test_errors_before_and_after_fitting():
     rec, *_ = linear_system(n=300, steps=6)
     kmd = kf.DMD()
-    with pytest.raises(RuntimeError, match=r"DMD: not fitted yet; call fit\(recorder\) first"):
+    with pytest.raises(RuntimeError, match=r"DMD.eigenvalues: not fitted yet; call fit\(recorder\) first"):
         _ = kmd.eigenvalues
-    with pytest.raises(RuntimeError, match="not fitted yet"):
+    for name in ("rtol_used", "method_used", "result", "recorder"):  # read-only results: one clear error
+        with pytest.raises(RuntimeError, match=rf"DMD.{name}: not fitted yet"):
+            getattr(kmd, name)
+    with pytest.raises(RuntimeError, match=r"DMD.fixed_point: not fitted yet"):
         kmd.fixed_point()
+    with pytest.raises(RuntimeError, match=r"DMD.combine: not fitted yet"):
+        kmd.combine(torch.ones(6, 1, dtype=torch.float64))
     one = kf.TrajectoryRecorder({"w": torch.ones(3)}, capacity=4)
     one.record()
     with pytest.raises(ValueError, match=r"DMD.fit: expected at least 2 snapshots, got 1"):
