@@ -21,6 +21,15 @@ from koopfast import _digits
 pytest.importorskip("sklearn")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread trains them faster than two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class ConvNet(nn.Module):
     """Conv → BN → ReLU twice, a hidden linear layer and a flagged classifier (ShrinkBench's way)."""
 
