@@ -56,6 +56,8 @@ def _chunk(rec: TrajectoryRecorder) -> int:
     that the pass's working memory (a few float64 copies of a block) stays well below the
     snapshot buffer for small models too."""
     return min(_TSQR_CHUNK, max(1 << 12, rec.numel // 64))
+
+
 _RANGE_RTOL = 1e-13  # randomized range finder: directions of Z below this × its largest are rounding
 # method="auto": the Gram factor is used when λ_min(G) ≥ _GRAM_RESOLVES · λ_max(G). On digits
 # trajectories (tests/api/test_koopman_digits.py) the untruncated Gram DMD gave the exact DMD's masks

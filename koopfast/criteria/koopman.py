@@ -67,10 +67,14 @@ def koopman_magnitude(kmd: DMD, *, disc: float | None = None, preset: Preset = "
     """
     fit = _fitted(kmd, "koopman_magnitude")
     if preset not in ("koopfast", "shrinkbench"):
-        raise ValueError(f"koopfast.criteria.koopman_magnitude: expected preset 'koopfast' or 'shrinkbench', got {preset!r}")
+        raise ValueError(
+            f"koopfast.criteria.koopman_magnitude: expected preset 'koopfast' or 'shrinkbench', got {preset!r}"
+        )
     if preset == "shrinkbench":
         if disc is not None:
-            raise ValueError("koopfast.criteria.koopman_magnitude: expected disc=None with preset='shrinkbench' (one mode)")
+            raise ValueError(
+                "koopfast.criteria.koopman_magnitude: expected disc=None with preset='shrinkbench' (one mode)"
+            )
         idx = [kmd.nearest(1.0)]  # their argmin |λ − 1|: the first of a conjugate pair in eig's order
         flat = kmd.combine(fit.coeffs[:, idx].contiguous(), wide=True)[0].real.to(torch.float32).abs()
     else:
@@ -81,9 +85,7 @@ def koopman_magnitude(kmd: DMD, *, disc: float | None = None, preset: Preset = "
         if disc is not None:
             c = c.real.contiguous()  # the disc is closed under conjugation: the sum is real
         flat = kmd.combine(c)[0].abs()
-    return KoopmanScores(
-        kmd.recorder.unflatten(flat), criterion="koopman_magnitude", info=_info(fit, idx, preset)
-    )
+    return KoopmanScores(kmd.recorder.unflatten(flat), criterion="koopman_magnitude", info=_info(fit, idx, preset))
 
 
 def koopman_gradient(kmd: DMD) -> KoopmanScores:

@@ -83,10 +83,8 @@ def shrinkbench_threshold(scores: Iterable[Tensor], fraction: float) -> float:
     below = ascending(lo)
     above = below if hi == lo else ascending(hi)
     diff = float(above - below)  # float32 subtraction, as NumPy's _lerp on float32 values
-    if gamma >= 0.5:
-        t = float(above) - diff * (1.0 - gamma)
-    else:
-        t = float(below) + diff * gamma
+    # _lerp: from the upper neighbour when the weight is >= 1/2 (keeps the result monotone)
+    t = float(above) - diff * (1.0 - gamma) if gamma >= 0.5 else float(below) + diff * gamma
     return float(torch.tensor(t, dtype=torch.float64).to(torch.float32))
 
 

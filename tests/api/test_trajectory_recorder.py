@@ -287,3 +287,29 @@ def test_a_parameter_replaced_in_the_model_is_recorded_from_then_on():
     with pytest.raises(ValueError, match=r"record: parameter '0.weight' changed shape"):
         rec.record()
     assert len(rec) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_snapshot_store_combine_and_dots_in_time_order(dtype):
+    """The store's public interface (what DMD and the Koopman criteria use): combinations and
+    inner products of the stored snapshots in time order, across a wrapped ring and an anchor."""
+    net = model()
+    rec = kf.TrajectoryRecorder(net, capacity=3, window=True, dtype=dtype)
+    for i in range(5):  # the ring wraps: slot order is not time order
+        rec.record()
+        step(net, seed=i)
+    w = stored_matrix(rec)  # [N, 3] float64, time order
+    coeffs = torch.tensor([[1.0, 0.5], [0.0, -2.0], [3.0, 0.25]], dtype=torch.float64)
+    assert torch.allclose(rec.combine(coeffs, wide=True), (w @ coeffs).T, rtol=1e-12, atol=1e-12)
+    assert rec.combine(coeffs).dtype == torch.float32
+    complex_coeffs = coeffs.to(torch.complex128) * (1 + 1j)
+    assert torch.allclose(rec.combine(complex_coeffs, wide=True), (w.to(torch.complex128) @ complex_coeffs).T)
+    vectors = torch.randn(2, rec.numel, dtype=torch.float64)
+    assert torch.allclose(rec.dots(vectors), w.T @ vectors.T, rtol=1e-12, atol=1e-12)
+    assert rec.storage_epsilon >= torch.finfo(torch.float32).eps
+    with pytest.raises(ValueError, match=r"TrajectoryRecorder.combine: expected coeffs of shape \[3, m\]"):
+        rec.combine(torch.ones(4, 1, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"TrajectoryRecorder.combine: expected float64 or complex128 coeffs"):
+        rec.combine(torch.ones(3, 1))
+    with pytest.raises(ValueError, match=r"TrajectoryRecorder.dots: expected vectors of shape \[m, 387\]"):
+        rec.dots(torch.ones(2, 5))

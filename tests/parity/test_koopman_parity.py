@@ -65,7 +65,9 @@ class MLP(nn.Module):
 
 def their_flat_params(model) -> np.ndarray:
     """Their train.py addition: named parameters with "linear" or "conv" in the name, flattened."""
-    return torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters() if "linear" in n or "conv" in n]).numpy()
+    return torch.cat(
+        [p.detach().reshape(-1) for n, p in model.named_parameters() if "linear" in n or "conv" in n]
+    ).numpy()
 
 
 def record(model, warmup: int, steps: int):
@@ -102,7 +104,9 @@ def their_masks(model, abs_fixed_pt: np.ndarray, fraction: float) -> dict[str, n
     threshold = np.float32(threshold)  # ... which NumPy 1.x casts to the float32 array's dtype
     masks, counter = {}, 0
     for module_name, module in model.named_modules():
-        prunable = not module.is_classifier if hasattr(module, "is_classifier") else isinstance(module, (nn.Linear, nn.Conv2d))
+        prunable = (
+            not module.is_classifier if hasattr(module, "is_classifier") else isinstance(module, (nn.Linear, nn.Conv2d))
+        )
         if not prunable:
             continue
         for attr in ("weight", "bias"):
@@ -166,6 +170,12 @@ def test_threshold_convention_on_ties_and_edges():
 
 def test_shrinkbench_prunable_follows_vision_pruning():
     net = ConvNet()
-    assert kf.criteria.shrinkbench_prunable(net) == ["conv1.weight", "conv1.bias", "conv2.weight", "linear1.weight", "linear1.bias"]
+    assert kf.criteria.shrinkbench_prunable(net) == [
+        "conv1.weight",
+        "conv1.bias",
+        "conv2.weight",
+        "linear1.weight",
+        "linear1.bias",
+    ]
     seq = nn.Sequential(nn.Conv1d(2, 2, 1), nn.Linear(3, 3), nn.BatchNorm1d(3))
     assert kf.criteria.shrinkbench_prunable(seq) == ["1.weight", "1.bias"]  # Conv1d is not a Conv2d
