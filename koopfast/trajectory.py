@@ -8,6 +8,12 @@ Gram matrix G = WᵀW of the trajectory is always up to date without another pas
 float32), which keeps the small differences between snapshots that low-precision storage of θ_t
 itself would lose (numerics.md, pitfall 3); the Gram matrix is still that of the full θ_t.
 
+The snapshot store's public interface is all that DMD and the Koopman criteria use: ``len``
+and time order (0 = oldest kept), ``gram``, ``combine`` (Σ_t c_t θ_t), ``dots`` (⟨θ_t, v⟩),
+``blocks`` (column blocks of W, float64), ``unflatten``, ``layout``, ``dtype`` and
+``storage_epsilon``. How rows are kept (ring slots, a file, deltas against an anchor) is private
+to this module: changing it means editing this file only.
+
 Across processes (``process_group``, or DTensor parameters sharded ``Shard(0)`` as FSDP2 does):
 each process stores the snapshots of its own parameters (or shards) only, and each ``record()``
 sums the new Gram row over the processes with one all-reduce of t + 3 float64 numbers (the
