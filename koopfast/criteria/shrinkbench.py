@@ -21,6 +21,7 @@ three conventions from it, reproduced here exactly:
   True`` (ShrinkBench's models flag their last layer, ``models/head.py``); their masks are all
   True (ShrinkBench leaves them unmasked), although their scores count in the threshold.
 
+One process only (the scores of this process's tensors); the authors' code has no sharded mode.
 koopfast's own selection, :func:`koopfast.masks.global_topk`, differs on purpose: exactly
 round((1 − s)·N) entries survive (ties broken by position), over exactly the tensors scored.
 """
