@@ -1,7 +1,8 @@
 """DMD of a recorded parameter trajectory: an estimator (settings in __init__, ``fit`` -> self).
 
 Every method reduces the N × T snapshot matrix W to a small float64 factor F (k × T) with
-W = Q F for a Q with orthonormal columns that is never formed:
+W = Q F for a Q with orthonormal columns that is never formed ("auto", the default, chooses
+between the first two from the Gram matrix's eigenvalues; see :class:`DMD`):
 
 * ``"gram"``: method of snapshots, F = Λ^½ Uᵀ from the recorder's float64 Gram matrix G = WᵀW
   (already up to date after each ``record()``: no pass over W at fit time). It squares the
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -39,10 +41,10 @@ from torch import Tensor
 from koopfast import _distributed as kd
 from koopfast.trajectory import TrajectoryRecorder
 
-__all__ = ["DMD"]
+__all__ = ["DMD", "DMDResult", "auto_rtol"]
 
 _FN = "koopfast.DMD"
-Method = Literal["gram", "qr", "randomized"]
+Method = Literal["auto", "gram", "qr", "randomized"]
 Debias = Literal["none", "forward_backward"]
 
 _TSQR_CHUNK = 1 << 16
@@ -54,34 +56,84 @@ def _chunk(rec: TrajectoryRecorder) -> int:
     that the pass's working memory (a few float64 copies of a block) stays well below the
     snapshot buffer for small models too."""
     return min(_TSQR_CHUNK, max(1 << 12, rec.numel // 64))
+
+
 _RANGE_RTOL = 1e-13  # randomized range finder: directions of Z below this × its largest are rounding
-_AUTO_RTOL_FACTOR = 1.0
+# method="auto": the Gram factor is used when λ_min(G) ≥ _GRAM_RESOLVES · λ_max(G). On digits
+# trajectories (tests/api/test_koopman_digits.py) the untruncated Gram DMD gave the exact DMD's masks
+# down to λ_min/λ_max = 7e-14 and lost them at 2e-14; 1e-12 (≈ 4500 ε₆₄) leaves a factor 50.
+_GRAM_RESOLVES = 1e-12
+# rtol="auto": a drop σ_(k+1)/σ_k below this, where σ_(k+1) is under the storage rounding, is a cliff
+# between the trajectory and its rounding (noiseless data: 1e-2 to 1e-5 measured; digits windows
+# decay smoothly, ratios 0.9 and above at the rounding level).
+_CLIFF = 0.1
+_EPS64 = torch.finfo(torch.float64).eps
+
+
+@dataclass(frozen=True)
+class DMDResult:
+    """The small float64 results of one exact DMD fit (r modes of T snapshots), on the CPU.
+
+    Attributes:
+        eigenvalues: complex128 [r], λ_i.
+        amplitudes: complex128 [r], b_i: least-squares fit of the modes to the first snapshot.
+        amplitudes_last: complex128 [r], the same fit to the last snapshot (used by forecasts).
+        residuals: float64 [r], ‖Y v − λ X v‖ / ‖X v‖ for each mode's data-space coefficients v.
+        singular_values: float64, every singular value of X (the first T − 1 snapshots), largest first.
+        coeffs: complex128 [T, r]: mode i is the snapshot combination φ_i = Σ_t coeffs[t, i] θ_t
+            (time order), i.e. λ_i⁻¹ Y V Σ⁻¹ w_i; every mode-based quantity is one
+            :meth:`TrajectoryRecorder.combine` of these.
+        n_snapshots: T.
+        method: the factor used: "gram", "qr" or "randomized" (for method="auto", the one chosen).
+        rtol: the truncation tolerance applied (singular values above rtol · σ₁ kept).
+    """
+
+    eigenvalues: Tensor
+    amplitudes: Tensor
+    amplitudes_last: Tensor
+    residuals: Tensor
+    singular_values: Tensor
+    coeffs: Tensor
+    n_snapshots: int
+    method: str
+    rtol: float
 
 
 class DMD:
     """Dynamic mode decomposition of a :class:`~koopfast.TrajectoryRecorder`'s snapshots.
 
     Args:
-        method: "gram" (default), "qr" or "randomized" (see the module docstring).
+        method: "auto" (default), "gram", "qr" or "randomized" (see the module docstring).
+            "auto" uses the Gram factor when the Gram matrix resolves the whole spectrum —
+            λ_min(G) ≥ 1e-12 · λ_max(G), that is σ_min(W) ≥ 1e-6 · σ_max(W) — and otherwise the QR
+            factor (one pass over the snapshots): late in training, windows are long and nearly
+            rank-deficient, and the Gram, which squares the condition number, loses the small
+            singular values that the untruncated exact DMD uses.
         rank: keep at most this many singular values of X (an int >= 1), or None. Required for
             "randomized" (the target rank of the range finder).
-        rtol: keep singular values above rtol × σ₁: a float in (0, 1), or "auto" (the default):
-            the relative rounding of the stored snapshots (for float32 storage, 2.4e-7),
-            which keeps every direction the data resolves and so reproduces the untruncated exact
-            DMD (numerics.md, "Truncation changes the answer"). Stronger truncation is explicit.
+        rtol: keep singular values above rtol × σ₁: a float in (0, 1), or "auto" (the default),
+            chosen from the data so that the fit is the untruncated exact DMD of the Koopman
+            pruning authors (Redman et al. 2022): every singular value that float64 resolves
+            (σ > T · ε₆₄ · σ₁) is kept — also those below the storage rounding
+            (``recorder.storage_epsilon``, 2.4e-7 for float32) when the spectrum runs smoothly into
+            it, as on real training trajectories. Only when the singular values under the
+            storage rounding are cut off from the rest by a cliff (σ_(k+1) < 0.1 σ_k: noiseless or
+            exactly low-rank data, where they are rounding and nothing else) is the tolerance the
+            storage rounding. Stronger truncation is explicit.
         debias: "none" (default) or "forward_backward" (Dawson et al. 2016: Ã = (Ã_f Ã_b⁻¹)^½,
             which removes the bias noise puts on eigenvalues; numerics.md, pitfall 4).
         oversample, power_iters, seed: the randomized range finder's settings (defaults 10, 2, 0).
 
-    After ``fit(recorder)``: ``eigenvalues`` (complex128 [r]), ``amplitudes`` (complex128 [r]:
-    least-squares fit of the modes to the first snapshot, as PyDMD does), ``residuals`` (float64
-    [r]: ‖Y v − λ X v‖ / ‖X v‖ for the mode's data-space coefficients v), ``singular_values``,
-    ``rank``, and the methods ``fixed_point``, ``forecast``, ``mode``, ``nearest``.
+    After ``fit(recorder)``: :attr:`result` (a frozen :class:`DMDResult`), and as shortcuts
+    ``eigenvalues``, ``amplitudes``, ``residuals``, ``singular_values``, ``n_modes``,
+    ``method_used``, ``rtol_used``; the methods ``fixed_point``, ``forecast``, ``mode``,
+    ``nearest``, ``select``, ``combine``. Before ``fit`` every one of them raises RuntimeError
+    ("koopfast.DMD.<name>: not fitted yet").
     """
 
     def __init__(
         self,
-        method: Method = "gram",
+        method: Method = "auto",
         *,
         rank: int | None = None,
         rtol: float | Literal["auto"] = "auto",
@@ -90,11 +142,11 @@ class DMD:
         power_iters: int = 2,
         seed: int = 0,
     ) -> None:
-        if method not in ("gram", "qr", "randomized"):
-            raise ValueError(f"{_FN}: expected method 'gram', 'qr' or 'randomized', got {method!r}")
+        if method not in ("auto", "gram", "qr", "randomized"):
+            raise ValueError(f"{_FN}: expected method 'auto', 'gram', 'qr' or 'randomized', got {method!r}")
         if debias not in ("none", "forward_backward"):
             raise ValueError(f"{_FN}: expected debias 'none' or 'forward_backward', got {debias!r}")
-        self.method = method
+        self.method: Method = method
         self.rank = None if rank is None else _positive_int(rank, "rank")
         if method == "randomized" and self.rank is None:
             raise ValueError(f"{_FN}: expected an int rank for method='randomized' (the range finder's target rank)")
@@ -102,12 +154,14 @@ class DMD:
             if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0.0 < float(rtol) < 1.0:
                 raise ValueError(f"{_FN}: expected rtol to be 'auto' or a float in (0, 1), got {rtol!r}")
             rtol = float(rtol)
-        self.rtol = rtol
-        self.debias = debias
+        self.rtol: float | Literal["auto"] = rtol
+        self.debias: Debias = debias
         self.oversample = _positive_int(oversample, "oversample", minimum=0)
         self.power_iters = _positive_int(power_iters, "power_iters", minimum=0)
         self.seed = _positive_int(seed, "seed", minimum=0)
-        self._fitted: _Fit | None = None
+        self._fitted: DMDResult | None = None
+        self._recorder: TrajectoryRecorder | None = None
+        self._steps = 0
 
     # ---- fitting --------------------------------------------------------------------------------------
 
@@ -118,28 +172,21 @@ class DMD:
         t = len(recorder)
         if t < 2:
             raise ValueError(f"{_FN}.fit: expected at least 2 snapshots, got {t}")
-        factor = {"gram": self._factor_gram, "qr": self._factor_qr, "randomized": self._factor_randomized}[self.method](
-            recorder
+        method = self.method
+        if method == "auto":
+            method = "gram" if _gram_resolves(recorder.gram) else "qr"
+        factor = {"gram": _factor_gram, "qr": _factor_qr, "randomized": self._factor_randomized}[method](recorder)
+        self._fitted = _exact_dmd(
+            factor,
+            rank=self.rank,
+            rtol=self.rtol,
+            storage_epsilon=recorder.storage_epsilon,
+            debias=self.debias,
+            method=method,
         )
-        rtol = _AUTO_RTOL_FACTOR * recorder._storage_epsilon() if self.rtol == "auto" else self.rtol
-        self._fitted = _exact_dmd(factor, rank=self.rank, rtol=rtol, debias=self.debias)
         self._recorder = recorder
         self._steps = recorder.steps
-        self.rtol_used = rtol
         return self
-
-    def _factor_gram(self, rec: TrajectoryRecorder) -> Tensor:
-        g = rec.gram
-        evals, evecs = torch.linalg.eigh(g)
-        keep = evals > evals.max() * 1e-15
-        return evals[keep].sqrt()[:, None] * evecs[:, keep].T
-
-    def _factor_qr(self, rec: TrajectoryRecorder) -> Tensor:
-        t = len(rec)
-        r = torch.zeros(0, t, dtype=torch.float64, device=rec.device)
-        for block in rec.blocks(_chunk(rec)):
-            r = torch.linalg.qr(torch.cat([r, block.T]), mode="r").R
-        return _stacked_r(r.cpu(), rec.layout)
 
     def _factor_randomized(self, rec: TrajectoryRecorder) -> Tensor:
         """B = Qᵀ W for an orthonormal basis Q of the range of (W Wᵀ)^q W Ω, without storing Q.
@@ -151,6 +198,7 @@ class DMD:
         precision); extra memory is one block of the trajectory whatever N is (the textbook QB
         keeps Q, N × k, and more for its QR)."""
         t = len(rec)
+        assert self.rank is not None  # checked in __init__ for method="randomized"
         width = min(self.rank + self.oversample, t)
         gen = torch.Generator().manual_seed(self.seed)
         coeffs = torch.randn(t, width, generator=gen, dtype=torch.float64)  # Ω: W Ω is the sketch
@@ -168,34 +216,56 @@ class DMD:
     # ---- results --------------------------------------------------------------------------------------
 
     @property
+    def result(self) -> DMDResult:
+        """The fit's results (a frozen :class:`DMDResult`)."""
+        return self._result("result")
+
+    @property
+    def recorder(self) -> TrajectoryRecorder:
+        """The recorder this DMD was fitted to."""
+        self._result("recorder")
+        assert self._recorder is not None
+        return self._recorder
+
+    @property
     def eigenvalues(self) -> Tensor:
-        return self._result().eigenvalues
+        return self._result("eigenvalues").eigenvalues
 
     @property
     def amplitudes(self) -> Tensor:
-        return self._result().amplitudes
+        return self._result("amplitudes").amplitudes
 
     @property
     def residuals(self) -> Tensor:
-        return self._result().residuals
+        return self._result("residuals").residuals
 
     @property
     def singular_values(self) -> Tensor:
         """Singular values of X (the first T − 1 snapshots), all of them, largest first."""
-        return self._result().singular_values
+        return self._result("singular_values").singular_values
 
     @property
     def n_modes(self) -> int:
-        return int(self._result().eigenvalues.numel())
+        return int(self._result("n_modes").eigenvalues.numel())
+
+    @property
+    def method_used(self) -> str:
+        """The factor the fit used ("gram", "qr" or "randomized"; method="auto" chooses)."""
+        return self._result("method_used").method
+
+    @property
+    def rtol_used(self) -> float:
+        """The truncation tolerance the fit applied (rtol="auto" chooses it from the data)."""
+        return self._result("rtol_used").rtol
 
     def nearest(self, value: complex = 1.0) -> int:
         """Index of the eigenvalue nearest ``value``."""
-        return int(torch.argmin((self.eigenvalues - complex(value)).abs()))
+        return int(torch.argmin((self._result("nearest").eigenvalues - complex(value)).abs()))
 
     def select(self, disc: float | None = None) -> list[int]:
         """Modes representing the fixed point: the eigenvalue nearest 1 (with its complex conjugate
         when it is not real), or, with ``disc`` = δ, every eigenvalue with |λ − 1| < δ."""
-        lam = self.eigenvalues
+        lam = self._result("select").eigenvalues
         if disc is None:
             i = self.nearest(1.0)
             partner = _conjugate_partner(lam, i)
@@ -210,17 +280,17 @@ class DMD:
 
     def mode(self, i: int) -> dict[str, Tensor]:
         """Mode i (complex64 tensors in parameter shapes), φ_i = λ_i⁻¹ Y V Σ⁻¹ w_i."""
-        fit = self._result()
+        fit = self._result("mode")
         i = _mode_index(i, fit.eigenvalues.numel())
-        return self._recorder.unflatten(self._combine(fit.coeffs[:, i : i + 1])[0])
+        return self.recorder.unflatten(self.combine(fit.coeffs[:, i : i + 1])[0])
 
     def fixed_point(self, disc: float | None = None) -> dict[str, Tensor]:
         """θ* = the real sum of b_i φ_i over the selected modes (see ``select``), float32 in
         parameter shapes: where training converges if it keeps following the fitted dynamics."""
-        fit = self._result()
+        fit = self._result("fixed_point")
         idx = self.select(disc)
         c = (fit.coeffs[:, idx] * fit.amplitudes[idx]).sum(1, keepdim=True)
-        return self._recorder.unflatten(self._combine(c.real.contiguous())[0])
+        return self.recorder.unflatten(self.combine(c.real.contiguous())[0])
 
     def forecast(self, steps: int) -> dict[str, Tensor]:
         """The parameters ``steps`` steps after the last snapshot, float32 in parameter shapes
@@ -229,43 +299,85 @@ class DMD:
         the last snapshot exactly (as stored); the part of it outside the modes' span (truncated
         directions) stays as it is. Without truncation this equals Re Σ_i λ_i^steps b'_i φ_i."""
         steps = _positive_int(steps, "steps", minimum=0)
-        fit = self._result()
+        fit = self._result("forecast")
         c = (fit.coeffs * (fit.amplitudes_last * (fit.eigenvalues**steps - 1))).sum(1, keepdim=True).real
         c[-1] += 1.0  # θ_(T−1) itself
-        return self._recorder.unflatten(self._combine(c.contiguous())[0])
+        return self.recorder.unflatten(self.combine(c.contiguous())[0])
+
+    def combine(self, coeffs: Tensor, *, wide: bool = False) -> Tensor:
+        """Snapshot combinations ``Σ_t coeffs[t, j] θ_t`` ([T, m] float64/complex128 in time order,
+        e.g. columns of ``result.coeffs``) of the fitted snapshots: [m, N] (float32/complex64, or
+        float64/complex128 with ``wide``). Raises RuntimeError when the recorder has recorded
+        since ``fit`` (the coefficients belong to the snapshots that were fitted)."""
+        self._result("combine")
+        rec = self.recorder
+        if rec.steps != self._steps:
+            raise RuntimeError(
+                f"{_FN}: the recorder recorded {rec.steps - self._steps} more snapshots since fit(); "
+                "fit again to use them"
+            )
+        return rec.combine(coeffs, wide=wide)
 
     # ---- internals ------------------------------------------------------------------------------------
 
-    def _result(self) -> _Fit:
+    def _result(self, name: str) -> DMDResult:
         if self._fitted is None:
-            raise RuntimeError(f"{_FN}: not fitted yet; call fit(recorder) first")
+            raise RuntimeError(f"{_FN}.{name}: not fitted yet; call fit(recorder) first")
         return self._fitted
 
-    def _combine(self, coeffs: Tensor) -> Tensor:
-        """Snapshot combinations W c for coefficients in time order (checks the recorder)."""
-        if self._recorder.steps != self._steps:
-            raise RuntimeError(
-                f"{_FN}: the recorder recorded {self._recorder.steps - self._steps} more snapshots since fit(); "
-                "fit again to use them"
-            )
-        return self._recorder._combine(coeffs)
+
+def _gram_resolves(gram: Tensor) -> bool:
+    """Whether the Gram matrix's eigenvalues resolve the whole spectrum of W (see DMD, method)."""
+    evals = torch.linalg.eigvalsh(gram)
+    return bool(evals[0] >= _GRAM_RESOLVES * evals[-1]) and bool(evals[-1] > 0)
 
 
-class _Fit:
-    """The small float64 results of an exact DMD on a factor F (W = Q F)."""
+def _factor_gram(rec: TrajectoryRecorder) -> Tensor:
+    evals, evecs = torch.linalg.eigh(rec.gram)
+    keep = evals > evals.max() * 1e-15
+    return evals[keep].sqrt()[:, None] * evecs[:, keep].T
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+
+def _factor_qr(rec: TrajectoryRecorder) -> Tensor:
+    t = len(rec)
+    r = torch.zeros(0, t, dtype=torch.float64, device=rec.device)
+    for block in rec.blocks(_chunk(rec)):
+        r = torch.linalg.qr(torch.cat([r, block.T]), mode="r").R
+    return _stacked_r(r.cpu(), rec.layout)
 
 
-def _exact_dmd(factor: Tensor, *, rank: int | None, rtol: float, debias: str) -> _Fit:
+def auto_rtol(singular_values: Tensor, storage_epsilon: float) -> float:
+    """The truncation tolerance ``DMD(rtol="auto")`` applies to singular values of X (largest first;
+    see :class:`DMD`): the storage rounding ``storage_epsilon`` when the singular values below it
+    are cut off from those above by a cliff (σ_(k+1) < 0.1 σ_k), else float64's resolution
+    n · ε₆₄ (the untruncated exact DMD)."""
+    s = singular_values
+    floor = max(s.numel(), 1) * _EPS64
+    if s.numel() < 2 or not s[0] > 0:
+        return floor
+    above = int((s > storage_epsilon * s[0]).sum())
+    if 0 < above < s.numel() and bool(s[above] < _CLIFF * s[above - 1]):
+        return storage_epsilon
+    return floor
+
+
+def _exact_dmd(
+    factor: Tensor,
+    *,
+    rank: int | None,
+    rtol: float | Literal["auto"],
+    storage_epsilon: float,
+    debias: Debias,
+    method: str,
+) -> DMDResult:
     f = factor.to(torch.float64)
     t = f.shape[1]
     x, y = f[:, :-1], f[:, 1:]
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
     if s.numel() == 0 or not s[0] > 0:
         raise ValueError(f"{_FN}.fit: {_ALL_ZERO}")
-    r = int((s > rtol * s[0]).sum())
+    tol = auto_rtol(s, storage_epsilon) if rtol == "auto" else rtol
+    r = int((s > tol * s[0]).sum())
     if rank is not None:
         r = min(r, rank)
     if r == 0:
@@ -290,7 +402,7 @@ def _exact_dmd(factor: Tensor, *, rank: int | None, rtol: float, debias: str) ->
     amplitudes, amplitudes_last = fits[:, 0], fits[:, 1]
     xv, yv = fc[:, :-1] @ vsw, fc[:, 1:] @ vsw
     residuals = (yv - lam * xv).norm(dim=0) / xv.norm(dim=0).clamp_min(1e-300)
-    return _Fit(
+    return DMDResult(
         eigenvalues=lam,
         amplitudes=amplitudes,
         amplitudes_last=amplitudes_last,
@@ -298,6 +410,8 @@ def _exact_dmd(factor: Tensor, *, rank: int | None, rtol: float, debias: str) ->
         singular_values=s,
         coeffs=coeffs,
         n_snapshots=t,
+        method=method,
+        rtol=float(tol),
     )
 
 

@@ -8,6 +8,12 @@ Gram matrix G = WᵀW of the trajectory is always up to date without another pas
 float32), which keeps the small differences between snapshots that low-precision storage of θ_t
 itself would lose (numerics.md, pitfall 3); the Gram matrix is still that of the full θ_t.
 
+The snapshot store's public interface is all that DMD and the Koopman criteria use: ``len``
+and time order (0 = oldest kept), ``gram``, ``combine`` (Σ_t c_t θ_t), ``dots`` (⟨θ_t, v⟩),
+``blocks`` (column blocks of W, float64), ``unflatten``, ``layout``, ``dtype`` and
+``storage_epsilon``. How rows are kept (ring slots, a file, deltas against an anchor) is private
+to this module: changing it means editing this file only.
+
 Across processes (``process_group``, or DTensor parameters sharded ``Shard(0)`` as FSDP2 does):
 each process stores the snapshots of its own parameters (or shards) only, and each ``record()``
 sums the new Gram row over the processes with one all-reduce of t + 3 float64 numbers (the
@@ -40,6 +46,8 @@ _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STATE_VERSION = 1
 
 AnchorMode = Literal["auto", "none", "first"]
+# What an anchor argument resolves to: "given" is a dict of tensors passed by the caller.
+ResolvedAnchor = Literal["none", "first", "given"]
 
 
 class TrajectoryRecorder:
@@ -134,6 +142,7 @@ class TrajectoryRecorder:
         if path is not None and self.device.type != "cpu":
             raise ValueError(f"{_FN}: expected the buffer on the CPU (device='cpu') with path, got {self.device}")
 
+        self._anchor_mode: ResolvedAnchor
         self._anchor_mode, self._anchor = self._resolve_anchor(anchor)
         # One row more than the capacity: each record() writes into a free row, in the same pass
         # as its dot products, so a record() that fails on a non-finite value loses nothing.
@@ -362,22 +371,48 @@ class TrajectoryRecorder:
         self._order = list(range(t))
         self.steps = steps
 
-    # ---- internals used by DMD ------------------------------------------------------------------------
+    # ---- the snapshot store: everything DMD and the Koopman criteria read --------------------------
+    # Time order (0 = oldest kept) is the only order these methods expose: how rows are laid out in
+    # the buffer (slots of a ring, a file, deltas against an anchor) stays inside this module.
 
-    def _time_coeffs(self, coeffs_by_time: Tensor) -> Tensor:
-        """[t, m] coefficients in time order -> [rows, m] in slot order (zeros elsewhere)."""
-        out = torch.zeros(self._rows, coeffs_by_time.shape[1], dtype=coeffs_by_time.dtype, device=self.device)
-        out[torch.tensor(self._order, dtype=torch.long, device=self.device)] = coeffs_by_time.to(self.device)
-        return out
+    def combine(self, coeffs: Tensor, *, wide: bool = False) -> Tensor:
+        """Weighted sums of the stored snapshots: ``out[j] = Σ_t coeffs[t, j] θ_t`` (time order,
+        the anchor added back), one pass over the buffer, accumulated in float64.
 
-    def _combine(self, coeffs_by_time: Tensor, wide: bool = False) -> Tensor:
-        """sum_t c[t, j] θ_t over the stored snapshots in time order: [m, N]."""
-        self._check_file(f"{_FN}: combining snapshots")
-        return ops.trajectory_combine(self._snapshots, self._time_coeffs(coeffs_by_time), self._anchor, wide)
+        Args:
+            coeffs: [t, m] float64 or complex128 (t = ``len(self)``), on any device.
+            wide: float64/complex128 output instead of float32/complex64.
 
-    def _storage_epsilon(self) -> float:
+        Returns:
+            [m, N] on the buffer's device (this process's parameters only, across processes).
+        """
+        fn = f"{_FN}.combine"
+        coeffs = self._checked_coeffs(coeffs, fn)
+        self._check_file(fn)
+        return ops.trajectory_combine(self._snapshots, self._slot_coeffs(coeffs), self._anchor, wide)
+
+    def dots(self, vectors: Tensor) -> Tensor:
+        """Inner products ``<θ_t, v_j>`` of every stored snapshot with every row of ``vectors``
+        ([m, N] float32/float64 on the buffer's device), accumulated in float64: [t, m] in time
+        order, on the buffer's device (this process's part of the sum, across processes)."""
+        fn = f"{_FN}.dots"
+        if not isinstance(vectors, Tensor) or vectors.dim() != 2 or vectors.shape[1] != self.numel:
+            got = tuple(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__
+            raise ValueError(f"{fn}: expected vectors of shape [m, {self.numel}], got {got}")
+        self._check_file(fn)
+        out = ops.trajectory_dots(self._snapshots, vectors, self._anchor)
+        order = torch.tensor(self._order, dtype=torch.long, device=out.device)
+        rows = out[order]
+        if self._anchor is not None:  # the last row is <anchor, v>: the stored rows are deltas
+            rows = rows + out[-1]
+        return rows
+
+    @property
+    def storage_epsilon(self) -> float:
         """Relative rounding of the stored trajectory: the storage dtype's epsilon, scaled by the
-        size of what is stored (deltas are small next to θ), plus that of the parameters' dtype."""
+        size of what is stored (deltas are small next to θ), plus that of the parameters' dtype.
+        Directions of the trajectory whose singular values lie below ``storage_epsilon · σ₁`` are
+        at the level of this rounding."""
         g = self.gram
         total = float(torch.trace(g))
         idx = torch.tensor(self._order, dtype=torch.long, device=self.device)
@@ -386,9 +421,24 @@ class TrajectoryRecorder:
         param_eps = max(torch.finfo(d).eps for d in self._param_dtypes)
         return torch.finfo(self.dtype).eps * ratio + param_eps
 
+    def _slot_coeffs(self, coeffs_by_time: Tensor) -> Tensor:
+        """[t, m] coefficients in time order -> [rows, m] in slot order (zeros elsewhere)."""
+        out = torch.zeros(self._rows, coeffs_by_time.shape[1], dtype=coeffs_by_time.dtype, device=self.device)
+        out[torch.tensor(self._order, dtype=torch.long, device=self.device)] = coeffs_by_time.to(self.device)
+        return out
+
+    def _checked_coeffs(self, coeffs: Tensor, fn: str) -> Tensor:
+        t = len(self._order)
+        if not isinstance(coeffs, Tensor) or coeffs.dim() != 2 or coeffs.shape[0] != t:
+            got = tuple(coeffs.shape) if isinstance(coeffs, Tensor) else type(coeffs).__name__
+            raise ValueError(f"{fn}: expected coeffs of shape [{t}, m] (one row per stored snapshot), got {got}")
+        if coeffs.dtype not in (torch.float64, torch.complex128):
+            raise TypeError(f"{fn}: expected float64 or complex128 coeffs, got {coeffs.dtype}")
+        return coeffs
+
     # ---- checks ---------------------------------------------------------------------------------------
 
-    def _resolve_anchor(self, anchor) -> tuple[str, Tensor | None]:
+    def _resolve_anchor(self, anchor: AnchorMode | Mapping[str, Tensor]) -> tuple[ResolvedAnchor, Tensor | None]:
         if isinstance(anchor, Mapping):
             missing = [n for n in self.names if n not in anchor]
             if missing:
@@ -406,8 +456,8 @@ class TrajectoryRecorder:
         if anchor not in ("auto", "none", "first"):
             raise ValueError(f"{_FN}: expected anchor 'auto', 'none', 'first' or a dict of tensors, got {anchor!r}")
         if anchor == "auto":
-            anchor = "first" if self.dtype != torch.float32 else "none"
-        return anchor, None
+            return ("first" if self.dtype != torch.float32 else "none"), None
+        return ("first" if anchor == "first" else "none"), None
 
     def _check_unchanged(self) -> None:
         if self._model is not None and not self._same_parameter_objects():

@@ -16,6 +16,7 @@ from koopfast.criteria.gradflow import (
 from koopfast.criteria.koopman import KoopmanScores, koopman_gradient, koopman_magnitude
 from koopfast.criteria.magnitude import magnitude
 from koopfast.criteria.per_unit import per_unit
+from koopfast.criteria.shrinkbench import shrinkbench_masks, shrinkbench_prunable, shrinkbench_threshold
 from koopfast.criteria.spline import SplineScores, fold_batchnorm, spline_redundancy
 
 __all__ = [
@@ -34,5 +35,8 @@ __all__ = [
     "loss_preservation",
     "magnitude",
     "per_unit",
+    "shrinkbench_masks",
+    "shrinkbench_prunable",
+    "shrinkbench_threshold",
     "spline_redundancy",
 ]

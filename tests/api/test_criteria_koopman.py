@@ -92,5 +92,5 @@ def test_errors():
         TypeError, match=r"koopfast.criteria.koopman_magnitude: expected a fitted koopfast.DMD, got dict"
     ):
         kf.criteria.koopman_magnitude({})
-    with pytest.raises(RuntimeError, match=r"DMD: not fitted yet"):
+    with pytest.raises(RuntimeError, match=r"DMD.result: not fitted yet"):
         kf.criteria.koopman_gradient(kf.DMD())

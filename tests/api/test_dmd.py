@@ -175,17 +175,22 @@ def test_rank_and_tolerance_are_type_safe():
         kf.DMD(rtol=5)
     with pytest.raises(ValueError, match=r"DMD: expected an int rank for method='randomized'"):
         kf.DMD("randomized")
-    with pytest.raises(ValueError, match=r"DMD: expected method 'gram', 'qr' or 'randomized', got 'svd'"):
+    with pytest.raises(ValueError, match=r"DMD: expected method 'auto', 'gram', 'qr' or 'randomized', got 'svd'"):
         kf.DMD("svd")
 
 
 def test_errors_before_and_after_fitting():
     rec, *_ = linear_system(n=300, steps=6)
     kmd = kf.DMD()
-    with pytest.raises(RuntimeError, match=r"DMD: not fitted yet; call fit\(recorder\) first"):
+    with pytest.raises(RuntimeError, match=r"DMD.eigenvalues: not fitted yet; call fit\(recorder\) first"):
         _ = kmd.eigenvalues
-    with pytest.raises(RuntimeError, match="not fitted yet"):
+    for name in ("rtol_used", "method_used", "result", "recorder"):  # read-only results: one clear error
+        with pytest.raises(RuntimeError, match=rf"DMD.{name}: not fitted yet"):
+            getattr(kmd, name)
+    with pytest.raises(RuntimeError, match=r"DMD.fixed_point: not fitted yet"):
         kmd.fixed_point()
+    with pytest.raises(RuntimeError, match=r"DMD.combine: not fitted yet"):
+        kmd.combine(torch.ones(6, 1, dtype=torch.float64))
     one = kf.TrajectoryRecorder({"w": torch.ones(3)}, capacity=4)
     one.record()
     with pytest.raises(ValueError, match=r"DMD.fit: expected at least 2 snapshots, got 1"):
@@ -214,3 +219,39 @@ def test_forecast_zero_is_the_last_snapshot_even_when_truncated(method):
     assert torch.equal(kmd.forecast(0)["theta"], rec.snapshot(-1)["theta"])
     one = kmd.forecast(1)["theta"]
     assert 0 < rel(one, rec.snapshot(-1)["theta"]) < 0.05  # moved, by a step's worth
+
+
+def test_results_are_a_frozen_dataclass():
+    import dataclasses
+
+    rec, *_ = linear_system(n=500, steps=12)
+    kmd = kf.DMD().fit(rec)
+    res = kmd.result
+    assert isinstance(res, kf.dmd.DMDResult) and dataclasses.is_dataclass(res)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        res.rtol = 0.5
+    assert res.method == kmd.method_used and res.rtol == kmd.rtol_used
+    assert res.coeffs.shape == (12, kmd.n_modes) and res.n_snapshots == 12
+    # every mode is the combination of the snapshots its coefficients give
+    assert torch.allclose(kmd.mode(0)["theta"], kmd.combine(res.coeffs[:, :1])[0])
+
+
+def test_auto_method_uses_the_gram_while_it_resolves_the_spectrum():
+    rec, *_ = linear_system(noise=1e-3, seed=2)  # noise fills every direction: well conditioned
+    eig = torch.linalg.eigvalsh(rec.gram)
+    assert float(eig[0] / eig[-1]) > 1e-12
+    assert kf.DMD().fit(rec).method_used == "gram"
+    assert kf.DMD("qr").fit(rec).method_used == "qr"
+    noiseless, *_ = linear_system()  # rank 5 + rounding: the Gram cannot see the rounding directions
+    assert kf.DMD().fit(noiseless).method_used == "qr"
+
+
+def test_auto_rtol_cuts_only_at_a_cliff_into_the_storage_rounding():
+    eps = 2.4e-7
+    cliff = torch.tensor([1.0, 1e-2, 1e-4, 5e-9, 4e-9, 3e-9], dtype=torch.float64)  # noiseless data
+    smooth = torch.logspace(0, -7.5, 60, dtype=torch.float64)  # real training: no cliff
+    assert kf.dmd.auto_rtol(cliff, eps) == eps
+    assert kf.dmd.auto_rtol(smooth, eps) == 60 * torch.finfo(torch.float64).eps
+    assert kf.dmd.auto_rtol(smooth[:10], eps) == 10 * torch.finfo(torch.float64).eps  # all above the rounding
+    rec, *_ = linear_system()
+    assert kf.DMD().fit(rec).rtol_used == rec.storage_epsilon  # the noiseless system: 5 modes, as tested above

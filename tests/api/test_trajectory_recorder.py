@@ -26,10 +26,12 @@ def step(net, scale=0.01, seed=None):
 
 def stored_matrix(rec):
     """[N, t] float64 matrix of the snapshots as stored (anchor + row, exactly), in time order."""
-    rows = rec._snapshots[rec._order].double()
-    if rec._anchor is not None:
-        rows = rows + rec._anchor.double()
-    return rows.T
+    return torch.cat(list(rec.blocks()), dim=1).T
+
+
+def flat(net, names):
+    params = dict(net.named_parameters())
+    return torch.cat([params[n].detach().reshape(-1) for n in names]).double().cpu()
 
 
 def test_records_conv_and_linear_parameters_and_the_gram_matrix(device):
@@ -54,7 +56,7 @@ def test_records_conv_and_linear_parameters_and_the_gram_matrix(device):
 def test_low_precision_storage_uses_deltas_and_keeps_the_full_gram(device, dtype):
     net = model().to(device)
     rec = kf.TrajectoryRecorder(net, capacity=6, dtype=dtype)  # anchor "auto" -> "first"
-    first = torch.cat([p.detach().reshape(-1) for p in rec._params.values()]).double().cpu()
+    first = flat(net, rec.names)
     for _ in range(4):
         rec.record()
         step(net, 1e-3)
@@ -63,7 +65,7 @@ def test_low_precision_storage_uses_deltas_and_keeps_the_full_gram(device, dtype
     # Gram of the full snapshots, from the stored deltas, equals the explicit one to float64 rounding
     assert torch.allclose(rec.gram, w.T @ w, rtol=1e-12, atol=0)
     # deltas keep the small differences: much closer to the truth than rounding θ itself
-    truth = torch.cat([p.detach().reshape(-1) for p in rec._params.values()]).double().cpu()
+    truth = flat(net, rec.names)
     step(net, 0)
     rec.record()
     delta_err = float((stored_matrix(rec).cpu()[:, -1] - truth).abs().max())
@@ -77,7 +79,7 @@ def test_window_keeps_the_last_snapshots(device):
     history = []
     for _ in range(7):
         rec.record()
-        history.append(torch.cat([p.detach().reshape(-1) for p in rec._params.values()]).double().cpu())
+        history.append(flat(net, rec.names))
         step(net)
     assert len(rec) == 3 and rec.steps == 7
     w = torch.stack(history[-3:], 1)
@@ -117,9 +119,11 @@ def test_disk_storage_equals_memory_storage(tmp_path, dtype):
         assert torch.equal(a.eigenvalues, b.eigenvalues)
         for name, t in a.fixed_point().items():
             assert torch.equal(t, b.fixed_point()[name])
-    # The file holds the snapshots: another mapping of it reads the latest row.
-    mapped = torch.from_file(on_disk.path, shared=False, size=rows * on_disk.numel, dtype=dtype)
-    assert torch.equal(mapped.view(rows, -1)[on_disk._order[-1]], on_disk._snapshots[on_disk._order[-1]])
+    # The file holds the snapshots: another mapping of it holds the latest row (bf16: a delta).
+    mapped = torch.from_file(on_disk.path, shared=False, size=rows * on_disk.numel, dtype=dtype).view(rows, -1)
+    anchor = on_disk.state_dict()["anchor"]
+    latest = stored_matrix(on_disk)[:, -1] - (0 if anchor is None else anchor.double())
+    assert any(torch.equal(row.double(), latest) for row in mapped)
 
 
 def test_disk_storage_needs_a_cpu_buffer():
@@ -137,8 +141,8 @@ def test_host_storage_for_parameters_on_a_gpu():
         rec.record()
         ref.record()
         step(net)
-    assert rec._snapshots.device.type == "cpu"
-    assert torch.equal(rec._snapshots, ref._snapshots.cpu())
+    assert rec.device.type == "cpu" and next(rec.blocks()).device.type == "cpu"
+    assert torch.equal(stored_matrix(rec), stored_matrix(ref).cpu())
     assert torch.allclose(rec.gram, ref.gram, rtol=1e-12, atol=0)
 
 
@@ -178,7 +182,7 @@ def test_state_dict_round_trip_resumes_bit_identically():
     assert rec2.steps == rec.steps == 8 and len(rec2) == len(rec) == 5
     assert torch.equal(stored_matrix(rec2), stored_matrix(rec))
     assert torch.equal(rec2.gram, rec.gram)
-    assert torch.equal(rec2._anchor, rec._anchor)
+    assert torch.equal(rec2.state_dict()["anchor"], rec.state_dict()["anchor"])
     for key, value in rec.state_dict().items():
         other = rec2.state_dict()[key]
         assert torch.equal(other, value) if isinstance(value, torch.Tensor) else other == value, key
@@ -283,3 +287,29 @@ def test_a_parameter_replaced_in_the_model_is_recorded_from_then_on():
     with pytest.raises(ValueError, match=r"record: parameter '0.weight' changed shape"):
         rec.record()
     assert len(rec) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_snapshot_store_combine_and_dots_in_time_order(dtype):
+    """The store's public interface (what DMD and the Koopman criteria use): combinations and
+    inner products of the stored snapshots in time order, across a wrapped ring and an anchor."""
+    net = model()
+    rec = kf.TrajectoryRecorder(net, capacity=3, window=True, dtype=dtype)
+    for i in range(5):  # the ring wraps: slot order is not time order
+        rec.record()
+        step(net, seed=i)
+    w = stored_matrix(rec)  # [N, 3] float64, time order
+    coeffs = torch.tensor([[1.0, 0.5], [0.0, -2.0], [3.0, 0.25]], dtype=torch.float64)
+    assert torch.allclose(rec.combine(coeffs, wide=True), (w @ coeffs).T, rtol=1e-12, atol=1e-12)
+    assert rec.combine(coeffs).dtype == torch.float32
+    complex_coeffs = coeffs.to(torch.complex128) * (1 + 1j)
+    assert torch.allclose(rec.combine(complex_coeffs, wide=True), (w.to(torch.complex128) @ complex_coeffs).T)
+    vectors = torch.randn(2, rec.numel, dtype=torch.float64)
+    assert torch.allclose(rec.dots(vectors), w.T @ vectors.T, rtol=1e-12, atol=1e-12)
+    assert rec.storage_epsilon >= torch.finfo(torch.float32).eps
+    with pytest.raises(ValueError, match=r"TrajectoryRecorder.combine: expected coeffs of shape \[3, m\]"):
+        rec.combine(torch.ones(4, 1, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"TrajectoryRecorder.combine: expected float64 or complex128 coeffs"):
+        rec.combine(torch.ones(3, 1))
+    with pytest.raises(ValueError, match=r"TrajectoryRecorder.dots: expected vectors of shape \[m, 387\]"):
+        rec.dots(torch.ones(2, 5))

@@ -56,7 +56,7 @@ def results(recorder_of, masks_of, full) -> dict:
             rec.record()
         key = str(dtype).split(".")[-1]
         out[f"gram_{key}"] = rec.gram
-        for method, kw in (("gram", {}), ("qr", {}), ("randomized", {"rank": 4})):
+        for method, kw in (("auto", {}), ("gram", {}), ("qr", {}), ("randomized", {"rank": 4})):
             kmd = kf.DMD(method, **kw).fit(rec)
             out[f"eig_{key}_{method}"] = kmd.eigenvalues
             out[f"fixed_{key}_{method}"] = full(kmd.fixed_point())
