@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
 import koopfast as kf
+from koopfast._torch_compat import foreach_copy_, foreach_mul_
 from koopfast.benchmarks.harness import Row, fill_ratios, peak_extra_bytes, row_of, time_fn
 from koopfast.benchmarks.select import model_like
 
@@ -71,11 +72,11 @@ def apply_methods(case: ApplyCase, targets: list[Tensor], masks: list[Tensor]) -
     rw = 8 * n_all  # read and write every element once
     return {
         APPLY_BASELINE: (lambda: [t.mul_(m) for t, m in zip(targets, all_masks)], rw + n_all),
-        "torch._foreach_mul_ (bool masks)": (lambda: torch._foreach_mul_(targets, all_masks), rw + n_all),
-        "torch._foreach_mul_ (float masks)": (lambda: torch._foreach_mul_(targets, float_masks), rw + 4 * n_all),
+        "torch._foreach_mul_ (bool masks)": (lambda: foreach_mul_(targets, all_masks), rw + n_all),
+        "torch._foreach_mul_ (float masks)": (lambda: foreach_mul_(targets, float_masks), rw + 4 * n_all),
         "koopfast apply_masks (bool)": (lambda: kf.ops.apply_masks(targets, masks, index), rw + case.n),
         "koopfast apply_masks (packed)": (lambda: kf.ops.apply_masks(targets, packed, index), rw + case.n // 8),
-        APPLY_STREAM: (lambda: torch._foreach_mul_(targets, 1.0), rw),
+        APPLY_STREAM: (lambda: foreach_mul_(targets, 1.0), rw),
     }
 
 
@@ -92,7 +93,7 @@ def check_apply(targets, pristine, masks, fns, case: ApplyCase) -> None:
 
 
 def restore(targets: list[Tensor], pristine: list[Tensor]) -> None:
-    torch._foreach_copy_(targets, pristine)
+    foreach_copy_(targets, pristine)
 
 
 def apply_cases(quick: bool) -> Iterator[ApplyCase]:
