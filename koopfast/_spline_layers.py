@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from koopfast._probe import eval_mode, forward_hooks, run_model
+from koopfast._torch_compat import BATCHNORM
 from koopfast.prunable import is_hf_conv1d
 
 SPLINE_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -34,7 +35,7 @@ def is_spline_layer(module: nn.Module) -> bool:
 def unit_major_weight(layer: nn.Module) -> Tensor:
     """The layer's weight with its output units first ([out, ...]: Conv1D's [in, out] transposed)."""
     return layer.weight.t() if is_hf_conv1d(layer) else layer.weight
-BatchNorm = nn.modules.batchnorm._BatchNorm
+BatchNorm = BATCHNORM
 RELU_LIKE_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU)
 
 # aten operations (by name) that apply a ReLU-like activation, and those that pass a tensor on

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from koopfast._op_rules import bits_per_unit, compute_dtype
 from koopfast._types import ScoreBy
 
 __all__ = [
@@ -31,10 +32,6 @@ __all__ = [
 # Layout of the int64 `stats` tensor returned by select_threshold.
 NUM_SELECT_STATS = 4
 STAT_GREATER, STAT_EQUAL, STAT_TIES_KEPT, STAT_NAN_TENSOR = range(NUM_SELECT_STATS)
-
-
-def _compute_dtype(a: Sequence[Tensor]) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in a) else torch.float32
 
 
 # ---- the checks every op shares, before the dispatcher -----------------------------------------------
@@ -111,7 +108,7 @@ def select_threshold(a: Sequence[Tensor], b: Sequence[Tensor], score: ScoreBy, k
 def _select_threshold_fake(a, b, score, k):
     _require(len(a) > 0, "koopfast::select_threshold: expected a to be a non-empty list of tensors")
     _one_device("select_threshold", a=a, b=b)
-    threshold = a[0].new_empty((), dtype=_compute_dtype(a))
+    threshold = a[0].new_empty((), dtype=compute_dtype(a))
     stats = a[0].new_empty((NUM_SELECT_STATS,), dtype=torch.int64)
     return threshold, stats
 
@@ -239,20 +236,11 @@ def sign_codes(x: Tensor, dim: int) -> Tensor:
     return torch.ops.koopfast.sign_codes.default(x, _int64("sign_codes", "dim", dim))
 
 
-def _bits_per_unit(shape: Sequence, dim: int) -> int:
-    dim = dim + len(shape) if dim < 0 else dim
-    bits = 1
-    for i, s in enumerate(shape):
-        if i != dim:
-            bits = bits * s
-    return bits
-
-
 @torch.library.register_fake("koopfast::sign_codes")
 def _sign_codes_fake(x, dim):
     _require(x.dim() >= 1, "koopfast::sign_codes: expected x to have at least one dimension")
     _require(-x.dim() <= dim < x.dim(), f"koopfast::sign_codes: expected dim in [{-x.dim()}, {x.dim()}), got {dim}")
-    words = (_bits_per_unit(x.shape, dim) + CODE_WORD_BITS - 1) // CODE_WORD_BITS
+    words = (bits_per_unit(x.shape, dim) + CODE_WORD_BITS - 1) // CODE_WORD_BITS
     return x.new_empty((x.shape[dim], words), dtype=torch.int64)
 
 

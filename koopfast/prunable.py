@@ -45,15 +45,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from koopfast._torch_compat import CONV, CONV_TRANSPOSE, NORMALIZATION
+
 __all__ = ["Coverage", "Prunable", "Units", "aliases", "coverage", "prunable", "units_of"]
 
 ParamSource = nn.Module | Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]
 
 _LINEAR_LIKE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear)
-_CONV = nn.modules.conv._ConvNd
+_CONV = CONV
 _EMBEDDINGS: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 _NORMS: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
+    NORMALIZATION,
     nn.LayerNorm,
     nn.GroupNorm,
     nn.RMSNorm,
@@ -179,7 +181,7 @@ def units_of(module: nn.Module, attr: str) -> Units | None:
     if attr == "bias":
         is_layer = isinstance(module, (*_LINEAR_LIKE, _CONV)) or is_hf_conv1d(module)
         return ALONG_DIM_0 if is_layer and t.dim() == 1 else None
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+    if isinstance(module, CONV_TRANSPOSE):
         return Units(1, module.groups)
     if isinstance(module, (*_LINEAR_LIKE, _CONV)):
         return ALONG_DIM_0

@@ -51,7 +51,8 @@ from torch import Tensor, nn
 from torch.nn.utils import prune as _torch_prune
 
 from koopfast import ops
-from koopfast.masks.topk import _Operands
+from koopfast._torch_compat import pruned_tensor_name, set_pruned_tensor_name
+from koopfast.masks.selection import Selection
 
 # torch.nn.utils.prune's own, re-exported so that this module is a drop-in.
 BasePruningMethod = _torch_prune.BasePruningMethod
@@ -139,9 +140,8 @@ class L1Unstructured(_PicklesAsTorch, _torch_prune.L1Unstructured):
         nprune = _nparams_to_prune(self.amount, n, fn)
         mask = default_mask.clone(memory_format=torch.contiguous_format)
         if nprune != 0:
-            operands = _Operands([scores.detach()], "abs", fn)
-            operands.names = [getattr(self, "_tensor_name", None) or "t"]
-            keep = operands.topk(n - nprune)[0]
+            selection = Selection([scores.detach()], "abs", fn, names=[pruned_tensor_name(self) or "t"])
+            keep = selection.topk(n - nprune)[0]
             mask.masked_fill_(~keep.view(mask.shape), 0)
         return mask
 
@@ -170,9 +170,8 @@ class LnStructured(_PicklesAsTorch, _torch_prune.LnStructured):
             return default_mask
         dim = self.dim % t.dim()
         norm = torch.norm(t.detach(), p=self.n, dim=[d for d in range(t.dim()) if d != dim])
-        operands = _Operands([norm], "value", fn)
-        operands.names = [f"the L{self.n} norms of {getattr(self, '_tensor_name', None) or 't'}"]
-        keep = operands.topk(channels - nprune)[0]
+        label = f"the L{self.n} norms of {pruned_tensor_name(self) or 't'}"
+        keep = Selection([norm], "value", fn, names=[label]).topk(channels - nprune)[0]
         mask = torch.zeros_like(t)
         index = [slice(None)] * t.dim()
         index[dim] = keep
@@ -267,12 +266,16 @@ def _reparametrize(module: nn.Module, name: str, mask: Tensor) -> None:
     """What ``custom_from_mask(module, name, mask)`` does to a parameter pruned for the first time,
     without its transient all-ones mask and product: ``<name>_orig``, a ``<name>_mask`` buffer
     (the bool mask in the parameter's dtype and layout), ``<name>`` recomputed by a
-    ``CustomFromMask`` forward pre-hook whose ``mask`` is that buffer."""
+    ``CustomFromMask`` forward pre-hook whose ``mask`` is that buffer.
+
+    Only public ``nn.Module`` calls (``register_*``, ``delattr``, which removes a parameter or a
+    buffer by name) and the one torch internal every pruning method needs, its tensor name
+    (:mod:`koopfast._torch_compat`). A failure restores the module as it was."""
     orig = getattr(module, name)
     method = _torch_prune.CustomFromMask(mask=None)
-    method._tensor_name = name
+    set_pruned_tensor_name(method, name)
     module.register_parameter(name + "_orig", orig)
-    del module._parameters[name]
+    delattr(module, name)  # the parameter: `name` becomes the plain attribute the hook recomputes
     try:
         buffer = torch.empty_like(orig, requires_grad=False).copy_(mask)
         method.mask = buffer
@@ -280,11 +283,12 @@ def _reparametrize(module: nn.Module, name: str, mask: Tensor) -> None:
         setattr(module, name, method.apply_mask(module))
         module.register_forward_pre_hook(method)
     except Exception:
-        module._buffers.pop(name + "_mask", None)
-        if hasattr(module, name) and name not in module._parameters:
+        if name + "_mask" in dict(module.named_buffers(recurse=False)):
+            delattr(module, name + "_mask")
+        if hasattr(module, name):
             delattr(module, name)
+        delattr(module, name + "_orig")
         module.register_parameter(name, orig)
-        del module._parameters[name + "_orig"]
         raise
 
 
@@ -305,9 +309,7 @@ def _keep_among_unpruned(
     unpruned entries in order.
     """
     if all(u is None for u in unpruned):
-        operands = _Operands(list(scores), "abs", fn)
-        operands.names = names
-        return operands.topk(keep)
+        return Selection(list(scores), "abs", fn, names=names).topk(keep)
     pairs = []
     for s, u, d in zip(scores, unpruned, defaults):
         if u is None:
@@ -317,8 +319,7 @@ def _keep_among_unpruned(
         else:
             b = u.to(s.dtype)
         pairs.append((s, b))
-    operands = _Operands(pairs, "abs_product", fn)
-    operands.names = names
+    operands = Selection(pairs, "abs_product", fn, names=names)
     if keep == 0:
         return operands.topk(0)
     threshold, stats = operands.select(keep)

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from koopfast.ops import CODE_WORD_BITS, NUM_SELECT_STATS, _bits_per_unit, _compute_dtype
+from koopfast._op_rules import bits_per_unit, compute_dtype, score_values
+from koopfast.ops import CODE_WORD_BITS, NUM_SELECT_STATS
 
 __all__ = [
     "hamming_distance",
@@ -30,25 +31,8 @@ __all__ = [
 
 def scores_of(a: Sequence[Tensor], b: Sequence[Tensor], score: str) -> list[Tensor]:
     """The flattened scores of each tensor pair, in the ops' compute dtype, -0 turned into +0."""
-    cd = _compute_dtype(a)
-    out = []
-    for i, x in enumerate(a):
-        x = x.reshape(-1).to(cd)
-        y = b[i].reshape(-1).to(cd) if b else None
-        if score == "value":
-            s = x.clone()
-        elif score == "abs":
-            s = x.abs()
-        elif score == "product":
-            s = x * y
-        elif score == "abs_product":
-            s = (x * y).abs()
-        elif score == "square_times_abs":
-            s = (x * x) * y.abs()
-        else:
-            raise ValueError(f"unknown score {score!r}")
-        out.append(torch.where(s == 0, torch.zeros_like(s), s))
-    return out
+    cd = compute_dtype(a)
+    return [score_values(x, b[i] if b else None, score, cd) for i, x in enumerate(a)]
 
 
 def select_threshold(a: Sequence[Tensor], b: Sequence[Tensor], score: str, k: int) -> tuple[Tensor, Tensor]:
@@ -131,7 +115,7 @@ def trajectory_dots(snapshots, vectors, anchor):
 def sign_bits(x: Tensor, dim: int) -> Tensor:
     """The unpacked codes: bool ``[units, bits]``, row u = ``(x > 0)`` of unit u in bit order."""
     positive = x if x.dtype == torch.bool else x > 0
-    return positive.movedim(dim, 0).reshape(x.shape[dim], _bits_per_unit(x.shape, dim))
+    return positive.movedim(dim, 0).reshape(x.shape[dim], bits_per_unit(x.shape, dim))
 
 
 def unpack_codes(codes: Tensor, bits: int | None = None) -> Tensor:

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from koopfast._torch_compat import CONV
 from koopfast.masks.topk import global_topk, layerwise_topk
 from koopfast.prunable import ALONG_DIM_0, Units, aliases, is_hf_conv1d, units_of
 
@@ -112,7 +113,7 @@ def _trace(
     graph = tp.DependencyGraph().build_dependency(
         model, example_inputs=example_inputs, output_transform=output_transform, forward_fn=forward_fn
     )
-    root_types = [nn.modules.conv._ConvNd, nn.Linear]
+    root_types = [CONV, nn.Linear]
     return tp, graph, graph.get_all_groups(ignored_layers=list(ignored_layers), root_module_types=root_types)
 
 

@@ -9,15 +9,20 @@ Three comparisons, each against what a PyTorch user writes today:
 - global: ``koopfast.prune.global_unstructured`` against ``torch.nn.utils.prune.global_unstructured``
   (L1, 90 %) on a stack of Linear layers, time and peak extra memory; and koopfast's lean way
   (``global_topk`` + ``Masked``). Each run starts from an unpruned copy of the model.
-- overhead: a forward pass and a training step (forward, backward, SGD with momentum) of a
-  model pruned with torch.nn.utils.prune's forward pre-hooks, of the same model under
-  ``koopfast.masks.Masked``, and of the dense model.
+- overhead: a forward pass and a training step (forward, backward, SGD with momentum; AdamW) of
+  a model pruned with torch.nn.utils.prune's forward pre-hooks, of the same model under
+  ``koopfast.masks.Masked`` (one fused gradient pass; and forced to re-mask after every step as
+  well, what optimizers outside ``kf.masks.ZERO_PRESERVING`` get), and of the dense model, timed in
+  turn (one step of each per round) so that a noisy machine slows them alike; notes give the
+  overhead over dense by median and by minimum.
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import statistics
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -26,7 +31,8 @@ from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
 import koopfast as kf
-from koopfast.benchmarks.harness import Row, fill_ratios, peak_extra_bytes, row_of, time_fn
+from koopfast._torch_compat import foreach_copy_, foreach_mul_
+from koopfast.benchmarks.harness import Row, Timing, fill_ratios, peak_extra_bytes, row_of, synchronize, time_fn
 from koopfast.benchmarks.select import model_like
 
 APPLY_BASELINE = "loop p.mul_(mask)"
@@ -71,11 +77,11 @@ def apply_methods(case: ApplyCase, targets: list[Tensor], masks: list[Tensor]) -
     rw = 8 * n_all  # read and write every element once
     return {
         APPLY_BASELINE: (lambda: [t.mul_(m) for t, m in zip(targets, all_masks)], rw + n_all),
-        "torch._foreach_mul_ (bool masks)": (lambda: torch._foreach_mul_(targets, all_masks), rw + n_all),
-        "torch._foreach_mul_ (float masks)": (lambda: torch._foreach_mul_(targets, float_masks), rw + 4 * n_all),
+        "torch._foreach_mul_ (bool masks)": (lambda: foreach_mul_(targets, all_masks), rw + n_all),
+        "torch._foreach_mul_ (float masks)": (lambda: foreach_mul_(targets, float_masks), rw + 4 * n_all),
         "koopfast apply_masks (bool)": (lambda: kf.ops.apply_masks(targets, masks, index), rw + case.n),
         "koopfast apply_masks (packed)": (lambda: kf.ops.apply_masks(targets, packed, index), rw + case.n // 8),
-        APPLY_STREAM: (lambda: torch._foreach_mul_(targets, 1.0), rw),
+        APPLY_STREAM: (lambda: foreach_mul_(targets, 1.0), rw),
     }
 
 
@@ -92,7 +98,7 @@ def check_apply(targets, pristine, masks, fns, case: ApplyCase) -> None:
 
 
 def restore(targets: list[Tensor], pristine: list[Tensor]) -> None:
-    torch._foreach_copy_(targets, pristine)
+    foreach_copy_(targets, pristine)
 
 
 def apply_cases(quick: bool, large: bool = False) -> Iterator[ApplyCase]:
@@ -245,6 +251,14 @@ def _global_case(case: GlobalCase, device: torch.device, quick: bool, repeat: in
 
 # ---- forward and training-step overhead -------------------------------------------------------------
 
+DENSE = "dense model (no masks)"
+MASKED = "koopfast Masked"
+MASKED_TWO_PASSES = "koopfast Masked, re-mask after step (remask_after_step=True)"
+OPTIMIZERS: dict[str, Callable] = {
+    "SGD momentum": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9),
+    "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.01),
+}
+
 
 @dataclass(frozen=True)
 class OverheadCase:
@@ -252,6 +266,7 @@ class OverheadCase:
     width: int
     batch: int
     train: bool
+    optimizer: str = "SGD momentum"
     sparsity: float = 0.9
     seed: int = 0
 
@@ -261,30 +276,38 @@ class OverheadCase:
 
     @property
     def name(self) -> str:
-        what = "train step (fwd+bwd+SGD momentum)" if self.train else "forward (no_grad)"
+        what = f"train step (fwd+bwd+{self.optimizer})" if self.train else "forward (no_grad)"
         return f"{what}: {self.n:.2e} params, batch {self.batch}"
 
 
-def overhead_models(case: OverheadCase, device: torch.device):
-    """(dense, koopfast Masked, torch-pruned) copies of one model with the same masks, and optimizers."""
+def overhead_models(
+    case: OverheadCase, device: torch.device
+) -> tuple[dict[str, tuple[nn.Module, torch.optim.Optimizer]], dict[str, Tensor]]:
+    """(method -> (model, optimizer), the masks): copies of one model with the same masks.
+
+    Masked (one fused gradient pass per step for SGD/AdamW: kf.masks.ZERO_PRESERVING), Masked
+    forced to re-mask parameters and states after every step as well (what any other optimizer
+    gets), torch.nn.utils.prune's hooks (weight = weight_orig * mask before every forward, the
+    gradient multiplied by the mask in backward), and the dense model.
+    """
     dense = linear_stack(case.layers, case.width, case.seed, device)
     masks = kf.masks.global_topk(dict(dense.named_parameters()), case.sparsity, by="abs")
-    masked, pruned = copy.deepcopy(dense), copy.deepcopy(dense)
-    opts = {
-        k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
-        for k, m in [("dense", dense), ("masked", masked), ("pruned", pruned)]
-    }
-    keep_zero = kf.masks.Masked(masked, masks, opts["masked"])
+    make_opt = OPTIMIZERS[case.optimizer]
+    out: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {DENSE: (dense, make_opt(dense.parameters()))}
+    for method, remask in ((MASKED, None), (MASKED_TWO_PASSES, True)):
+        model = copy.deepcopy(dense)
+        opt = make_opt(model.parameters())
+        kf.masks.Masked(model, masks, opt, remask_after_step=remask)
+        out[method] = (model, opt)
+    pruned = copy.deepcopy(dense)
     for name, mask in masks.items():
         layer, attr = name.split(".")
         torch_prune.custom_from_mask(pruned[int(layer)], attr, mask)
-    opts["pruned"] = torch.optim.SGD(pruned.parameters(), lr=1e-3, momentum=0.9)  # weight_orig is a new parameter
-    return dense, masked, pruned, opts, keep_zero
+    out[OVERHEAD_BASELINE] = (pruned, make_opt(pruned.parameters()))  # weight_orig: new parameters
+    return out, masks
 
 
 def overhead_methods(case: OverheadCase, models, x: Tensor) -> dict[str, Callable[[], object]]:
-    dense, masked, pruned, opts, _ = models
-
     def forward(model):
         with torch.no_grad():
             return model(x)
@@ -294,23 +317,36 @@ def overhead_methods(case: OverheadCase, models, x: Tensor) -> dict[str, Callabl
         model(x).square().mean().backward()
         opt.step()
 
+    methods = (
+        [DENSE, MASKED, MASKED_TWO_PASSES, OVERHEAD_BASELINE] if case.train else [DENSE, MASKED, OVERHEAD_BASELINE]
+    )
     if case.train:
-        return {
-            "dense model (no masks)": lambda: step(dense, opts["dense"]),
-            "koopfast Masked": lambda: step(masked, opts["masked"]),
-            OVERHEAD_BASELINE: lambda: step(pruned, opts["pruned"]),
-        }
-    return {
-        "dense model (no masks)": lambda: forward(dense),
-        "koopfast Masked": lambda: forward(masked),
-        OVERHEAD_BASELINE: lambda: forward(pruned),
-    }
+        return {m: (lambda m=m: step(*models[m])) for m in methods}
+    return {m: (lambda m=m: forward(models[m][0])) for m in methods}
 
 
 def overhead_cases(quick: bool) -> Iterator[OverheadCase]:
     layers, width, batch = (4, 512, 16) if quick else (12, 2048, 32)
     yield OverheadCase(layers, width, batch, train=False)
-    yield OverheadCase(layers, width, batch, train=True)
+    for optimizer in OPTIMIZERS:
+        yield OverheadCase(layers, width, batch, train=True, optimizer=optimizer)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeat: int, warmup: int = 1):
+    """Median and minimum time of each fn, run in turn (one of each per round): on a shared, noisy
+    machine every method sees the same slow and fast moments, so that their ratios hold."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: Timing(statistics.median(ts), min(ts), repeat) for name, ts in times.items()}
 
 
 def run_overhead(device: torch.device, *, quick: bool = False, repeat: int | None = None) -> list[Row]:
@@ -319,27 +355,31 @@ def run_overhead(device: torch.device, *, quick: bool = False, repeat: int | Non
         rows += _overhead_case(case, device, repeat)
     rows = fill_ratios(rows, OVERHEAD_BASELINE)
     for r in rows:
-        dense = next(x for x in rows if x.case == r.case and x.method.startswith("dense"))
+        dense = next(x for x in rows if x.case == r.case and x.method == DENSE)
         r.extra["overhead_vs_dense"] = r.median_ms / dense.median_ms - 1
-        r.note = f"{100 * r.extra['overhead_vs_dense']:+.0f}% vs dense"
+        r.extra["overhead_vs_dense_min"] = r.min_ms / dense.min_ms - 1
+        r.note = (
+            f"{100 * r.extra['overhead_vs_dense']:+.0f}% vs dense (median), "
+            f"{100 * r.extra['overhead_vs_dense_min']:+.0f}% (min)"
+        )
     return rows
 
 
 def _overhead_case(case: OverheadCase, device: torch.device, repeat: int | None) -> list[Row]:
-    models = overhead_models(case, device)
+    models, masks = overhead_models(case, device)
     x = torch.randn(case.batch, case.width, device=device)
     fns = overhead_methods(case, models, x)
     if not case.train:  # the masked and the pruned model compute the same function
-        torch.testing.assert_close(fns["koopfast Masked"](), fns[OVERHEAD_BASELINE](), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fns[MASKED](), fns[OVERHEAD_BASELINE](), rtol=1e-5, atol=1e-6)
+    timings = time_interleaved(fns, device, repeat or 9)
     rows = []
     for method, fn in fns.items():
-        t = time_fn(fn, device, repeat=repeat or 7)
         peak = peak_extra_bytes(fn, device)
-        rows.append(_row("overhead", case.name, method, case.n, device, t, 0, peak))
-    if case.train:  # still exactly zero after the timed steps
-        masked, keep_zero = models[1], models[4]
-        for p, m in zip(masked.parameters(), keep_zero.masks.values()):
-            assert bool((p[~m.unpack()] == 0).all())
+        rows.append(_row("overhead", case.name, method, case.n, device, timings[method], 0, peak))
+    if case.train:  # still exactly zero after the timed steps, with or without the second pass
+        for method in (MASKED, MASKED_TWO_PASSES):
+            for name, p in models[method][0].named_parameters():
+                assert bool((p[~masks[name]] == 0).all()), (method, name)
     return rows
 
 

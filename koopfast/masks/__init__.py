@@ -5,10 +5,12 @@ elements per byte) in the structure of the scores or parameters they belong to
 (``dict[name, ...]`` or a list).
 
 - selection: :func:`global_topk`, :func:`layerwise_topk` (exact counts, deterministic ties) and
-  :func:`structured_topk` (whole output units);
+  :func:`structured_topk` (whole output units); under them :class:`Selection` (scores as the
+  kernels take them, for code that builds its own) with :func:`keep_count` / :func:`resolve_keep`;
 - storage: :class:`PackedMask`, :func:`pack`, :func:`unpack`; files: :func:`save`, :func:`load`;
 - use: :func:`apply_` (zero pruned entries in place, one fused pass) and :class:`Masked` (keep
-  them zero through training, no forward hook, no weight copy);
+  them zero through training, no forward hook, no weight copy; one fused gradient pass per step
+  for the optimizers of :data:`ZERO_PRESERVING`);
 - inspection: :func:`report` (per-tensor and total sparsity, as data and as a table).
 """
 
@@ -16,22 +18,27 @@ from koopfast.masks.apply import apply_
 from koopfast.masks.io import load, save
 from koopfast.masks.packed import PackedMask, pack, unpack
 from koopfast.masks.report import LayerSparsity, SparsityReport, report
+from koopfast.masks.selection import Selection, keep_count, resolve_keep
 from koopfast.masks.structured import structured_topk
-from koopfast.masks.topk import global_topk, keep_count, layerwise_topk
-from koopfast.masks.training import Masked
+from koopfast.masks.topk import global_topk, layerwise, layerwise_topk
+from koopfast.masks.training import ZERO_PRESERVING, Masked
 
 __all__ = [
+    "ZERO_PRESERVING",
     "LayerSparsity",
     "Masked",
     "PackedMask",
+    "Selection",
     "SparsityReport",
     "apply_",
     "global_topk",
     "keep_count",
+    "layerwise",
     "layerwise_topk",
     "load",
     "pack",
     "report",
+    "resolve_keep",
     "save",
     "structured_topk",
     "unpack",

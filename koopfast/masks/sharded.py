@@ -21,7 +21,7 @@ from torch import Tensor
 
 from koopfast import _distributed as kd
 from koopfast import ops
-from koopfast.reference import scores_of
+from koopfast._op_rules import score_values
 
 __all__ = ["sharded_topk"]
 
@@ -124,8 +124,8 @@ def _chunks(x: Tensor, y: Tensor | None):
 
 
 def _scores(x: Tensor, y: Tensor | None, by: str, cd: torch.dtype) -> Tensor:
-    """The scores exactly as the kernels compute them (the reference twin's definition)."""
-    return scores_of([x.to(cd)], [] if y is None else [y.to(cd)], by)[0]
+    """The scores exactly as the kernels compute them."""
+    return score_values(x, y, by, cd)
 
 
 def _keys(s: Tensor) -> Tensor:

@@ -15,10 +15,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from koopfast.masks.topk import _layerwise, _Operands, _resolve_keep
+from koopfast._torch_compat import BATCHNORM
+from koopfast.masks.selection import Selection, resolve_keep
+from koopfast.masks.topk import layerwise
 from koopfast.prunable import ALONG_DIM_0, Prunable, Units, aliases, entries, prunable, units_of
 
 __all__ = ["structured_topk"]
+
 
 class _Layer:
     """A scored weight: its output units, and its bias if any."""
@@ -173,8 +176,7 @@ def structured_topk(
 
 def _warn_about_normalization(model: nn.Module, layers: list[_Layer], fn: str) -> None:
     widths = {layer.units for layer in layers}
-    batchnorm = nn.modules.batchnorm._BatchNorm
-    bns = [n for n, m in model.named_modules() if isinstance(m, batchnorm) and m.num_features in widths]
+    bns = [n for n, m in model.named_modules() if isinstance(m, BATCHNORM) and m.num_features in widths]
     if bns:
         warnings.warn(
             f"{fn}: these masks choose each layer's units on its own and leave the model's BatchNorm layers "
@@ -189,13 +191,13 @@ def _warn_about_normalization(model: nn.Module, layers: list[_Layer], fn: str) -
 
 def _select_units(unit_scores: dict[str, Tensor], sparsity, keep, scope: str, fn: str) -> dict[str, Tensor]:
     """Bool unit masks: the global or per-layer top units (the selection of global_topk / layerwise_topk)."""
-    operands = _Operands(unit_scores, "value", fn)
+    operands = Selection(unit_scores, "value", fn)
     if scope == "global":
         if operands.numel == 0:
             raise ValueError(f"{fn}: expected at least one output unit, got layers without any")
-        return operands.pack(operands.topk(_resolve_keep(operands.numel, sparsity, keep, fn)))
+        return operands.pack(operands.topk(resolve_keep(operands.numel, sparsity, keep, fn)))
     if keep is not None:
         raise ValueError(f"{fn}: expected keep only with scope='global', got keep={keep} with scope='layerwise'")
     if sparsity is None:
         raise ValueError(f"{fn}: expected a sparsity for scope='layerwise', got none")
-    return operands.pack(_layerwise(operands, sparsity, fn))
+    return operands.pack(layerwise(operands, sparsity, fn))

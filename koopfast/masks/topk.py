@@ -8,127 +8,17 @@ structure, shapes and device.
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 from koopfast import _distributed as kd
-from koopfast import ops
-from koopfast._types import BINARY_SCORES, UNARY_SCORES, ScoreBy
+from koopfast._types import ScoreBy
+from koopfast.masks.selection import Scores, Selection, keep_count, resolve_keep
 from koopfast.masks.sharded import sharded_topk
 
-__all__ = ["global_topk", "keep_count", "layerwise_topk"]
-
-Operand = Tensor | tuple[Tensor, Tensor]
-Scores = Mapping[str, Operand] | Sequence[Operand]
-
-
-def keep_count(n: int, sparsity: float, *, fn: str = "koopfast.masks.keep_count") -> int:
-    """round((1 - sparsity) * n): how many of n scores a mask of this sparsity keeps."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"{fn}: expected sparsity to be a float in [0, 1), got {type(sparsity).__name__}")
-    if not (0.0 <= sparsity < 1.0) or math.isnan(sparsity):
-        raise ValueError(f"{fn}: expected sparsity in [0, 1), got {sparsity!r}")
-    return round((1.0 - sparsity) * n)
-
-
-class _Operands:
-    """Scores unpacked into the ops' (a, b) lists, with names for messages."""
-
-    def __init__(self, scores: Scores, by: str, fn: str):
-        if by not in UNARY_SCORES + BINARY_SCORES:
-            raise ValueError(f"{fn}: expected by to be one of {UNARY_SCORES + BINARY_SCORES}, got {by!r}")
-        if isinstance(scores, Mapping):
-            self.keys: list = list(scores.keys())
-            self.names = [str(k) for k in self.keys]
-            values = list(scores.values())
-        elif isinstance(scores, Sequence) and not isinstance(scores, (str, Tensor)):
-            self.keys = list(range(len(scores)))
-            self.names = [f"scores[{i}]" for i in self.keys]
-            values = list(scores)
-        else:
-            raise TypeError(
-                f"{fn}: expected scores to be a dict of tensors or a list of tensors, got {type(scores).__name__}"
-            )
-        if not values:
-            raise ValueError(f"{fn}: expected at least one score tensor, got none")
-        self.is_mapping = isinstance(scores, Mapping)
-        self.fn, self.by = fn, by
-        binary = by in BINARY_SCORES
-        self.a: list[Tensor] = []
-        self.b: list[Tensor] = []
-        for name, v in zip(self.names, values):
-            if binary:
-                if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(t, Tensor) for t in v)):
-                    raise TypeError(
-                        f"{fn}: expected {name!r} to be a pair of tensors (a, b) for by={by!r}, got {type(v).__name__}"
-                    )
-                self.a.append(v[0].detach())
-                self.b.append(v[1].detach())
-            else:
-                if not isinstance(v, Tensor):
-                    raise TypeError(f"{fn}: expected {name!r} to be a tensor for by={by!r}, got {type(v).__name__}")
-                self.a.append(v.detach())
-        self.numel = sum(t.numel() for t in self.a)
-        for i, name in enumerate(self.names):
-            if self.a[i].is_meta or (binary and self.b[i].is_meta):
-                raise ValueError(f"{fn}: expected score tensors that hold values, got {name!r} on the meta device")
-
-    def rename(self, exc: Exception) -> Exception:
-        """The op's error with a[i] / b[i] replaced by the caller's names."""
-
-        def name(m: re.Match) -> str:
-            i = int(m.group(2))
-            suffix = "" if m.group(1) == "a" else " (second operand)"
-            return f"{self.names[i]!r}{suffix}" if i < len(self.names) else m.group(0)
-
-        msg = re.sub(r"^koopfast::\w+: ", "", str(exc).split("\n")[0])
-        return type(exc)(f"{self.fn}: " + re.sub(r"\b([ab])\[(\d+)\]", name, msg))
-
-    def select(self, k: int) -> tuple[Tensor, Tensor]:
-        try:
-            threshold, stats = ops.select_threshold(self.a, self.b, self.by, k)
-        except (ValueError, TypeError) as exc:
-            raise self.rename(exc) from None
-        # One small read (a sync on CUDA): NaN must raise, never be silently kept or dropped.
-        nan_tensor = int(stats[ops.STAT_NAN_TENSOR])
-        if nan_tensor >= 0:
-            raise ValueError(f"{self.fn}: expected scores without NaN, got NaN in {self.names[nan_tensor]!r}")
-        return threshold, stats
-
-    def topk(self, k: int) -> list[Tensor]:
-        """Masks keeping exactly k entries over all tensors."""
-        threshold, stats = self.select(max(k, 1))  # k == 0 still checks for NaN
-        if k == 0:
-            return [torch.zeros_like(t, dtype=torch.bool, memory_format=torch.contiguous_format) for t in self.a]
-        return ops.topk_mask(self.a, self.b, self.by, threshold, stats)
-
-    def subset(self, i: int) -> _Operands:
-        """The i-th tensor (pair) alone."""
-        one = _Operands([(self.a[i], self.b[i])] if self.b else [self.a[i]], self.by, self.fn)
-        one.names = [self.names[i]]
-        return one
-
-    def pack(self, masks: list[Tensor]):
-        return dict(zip(self.keys, masks)) if self.is_mapping else masks
-
-
-def _check_distinct(tensors: list[Tensor], names: list[str], fn: str) -> None:
-    """A tensor listed twice (a tied parameter under both its names) would count twice in the budget."""
-    seen: dict[tuple, str] = {}
-    for t, name in zip(tensors, names):
-        if type(t) not in (Tensor, torch.nn.Parameter) or t.is_meta or t.numel() == 0:
-            continue  # DTensors, meta and empty tensors hold no storage of their own to compare
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-        if key in seen:
-            raise ValueError(
-                f"{fn}: expected each tensor once, got the same tensor as {seen[key]!r} and {name!r} (a tied "
-                "parameter is one entry: pass it under one name)"
-            )
-        seen[key] = name
+__all__ = ["global_topk", "layerwise", "layerwise_topk"]
 
 
 def global_topk(
@@ -172,15 +62,15 @@ def global_topk(
         TypeError: non-floating scores, wrong container types.
     """
     fn = "koopfast.masks.global_topk"
-    operands = _Operands(scores, by, fn)
-    _check_distinct(operands.a, operands.names, fn)
+    operands = Selection(scores, by, fn)
+    operands.check_distinct()
     layout = kd.resolve(operands.a, process_group, fn)
     if layout is not None:
         return _sharded(operands, sparsity, keep, layout, fn)
     n = operands.numel
     if n == 0:
         raise ValueError(f"{fn}: expected at least one score element, got only empty tensors")
-    return operands.pack(operands.topk(_resolve_keep(n, sparsity, keep, fn)))
+    return operands.pack(operands.topk(resolve_keep(n, sparsity, keep, fn)))
 
 
 def layerwise_topk(scores: Scores, sparsity: float | Mapping[str, float], *, by: ScoreBy = "value"):
@@ -191,12 +81,16 @@ def layerwise_topk(scores: Scores, sparsity: float | Mapping[str, float], *, by:
     Ties are broken by flat index. Arguments, errors and results as in :func:`global_topk`.
     """
     fn = "koopfast.masks.layerwise_topk"
-    operands = _Operands(scores, by, fn)
-    return operands.pack(_layerwise(operands, sparsity, fn))
+    operands = Selection(scores, by, fn)
+    return operands.pack(layerwise(operands, sparsity, fn))
 
 
-def _layerwise(operands: _Operands, sparsity: float | Mapping[str, float], fn: str) -> list[Tensor]:
-    """Each tensor's own top round((1 - s) n) (s: common, or per name with 0 for names not given)."""
+def layerwise(operands: Selection, sparsity: float | Mapping[str, float], fn: str) -> list[Tensor]:
+    """Each tensor's own top round((1 - s) n) (s: common, or per name with 0 for names not given).
+
+    The selection under :func:`layerwise_topk` (and ``structured_topk(scope="layerwise")``): masks
+    in the order of ``operands``' tensors; ``fn`` names the caller in the errors.
+    """
     if isinstance(sparsity, Mapping):
         unknown = set(map(str, sparsity)) - set(operands.names)
         if unknown:
@@ -210,7 +104,7 @@ def _layerwise(operands: _Operands, sparsity: float | Mapping[str, float], fn: s
     return masks
 
 
-def _sharded(operands: _Operands, sparsity, keep, layout: kd.Layout, fn: str):
+def _sharded(operands: Selection, sparsity, keep, layout: kd.Layout, fn: str):
     like = operands.a
     a = [kd.local(t) for t in operands.a]
     b = [kd.local(t) for t in operands.b]
@@ -221,19 +115,5 @@ def _sharded(operands: _Operands, sparsity, keep, layout: kd.Layout, fn: str):
     n = int(kd.all_reduce(n, layout))
     if n == 0:
         raise ValueError(f"{fn}: expected at least one score element over all processes, got only empty tensors")
-    masks = sharded_topk(a, b, operands.by, _resolve_keep(n, sparsity, keep, fn), layout, operands.names, fn)
+    masks = sharded_topk(a, b, operands.by, resolve_keep(n, sparsity, keep, fn), layout, operands.names, fn)
     return operands.pack([layout.wrap(m, t) for m, t in zip(masks, like)])
-
-
-def _resolve_keep(n: int, sparsity: float | None, keep: int | None, fn: str) -> int:
-    if (sparsity is None) == (keep is None):
-        raise ValueError(
-            f"{fn}: expected exactly one of sparsity and keep, got {'both' if keep is not None else 'neither'}"
-        )
-    if sparsity is not None:
-        return keep_count(n, sparsity, fn=fn)
-    if isinstance(keep, bool) or not isinstance(keep, int):
-        raise TypeError(f"{fn}: expected keep to be an int, got {type(keep).__name__}")
-    if not 0 <= keep <= n:
-        raise ValueError(f"{fn}: expected keep in [0, {n}] (the number of score elements), got {keep}")
-    return keep

@@ -1,11 +1,21 @@
 """Keeping pruned entries exactly zero through training, without a forward hook or a weight copy.
 
 torch.nn.utils.prune keeps ``weight_orig`` and a float mask per tensor and recomputes
-``weight = weight_orig * mask`` before every forward. :class:`Masked` instead zeroes the pruned
-entries of the parameters themselves once, and then keeps them zero at the two moments they
-could change: gradients are masked before the optimizer uses them, and after each optimizer step
-the parameters and the optimizer's per-parameter states (momentum, Adam moments, ...) are
-re-masked in one fused pass. Masks are held bit-packed: 1/32 of a float32 mask.
+``weight = weight_orig * mask`` before every forward (and multiplies the gradient by the mask in
+backward). :class:`Masked` instead zeroes the pruned entries of the parameters themselves once,
+and then keeps them zero where they could change. Passes per training step, counted:
+
+- gradients are masked before the optimizer uses them: one fused pass over every gradient (one
+  kernel launch per device) when ``optimizer.step()`` starts;
+- for the optimizers in :data:`ZERO_PRESERVING`, nothing else: their updates are elementwise and
+  map a pruned entry (θ = +0, masked g = 0, states zero since construction) to θ = +0 again, with
+  any weight decay (L2: g + λθ = 0; decoupled: θ(1 - ηλ) = 0), momentum, Nesterov, AMSGrad or
+  ``maximize`` (tests/api/test_masks_training.py checks it per optimizer over many steps);
+- for any other optimizer (unknown to this rule, or a subclass that may change the update), and
+  for a ``step(closure)`` (its gradients are computed inside the step, after the mask), a second
+  fused pass after the step re-masks the parameters and every optimizer state shaped like them.
+
+Masks are held bit-packed: 1/32 of a float32 mask.
 """
 
 from __future__ import annotations
@@ -20,9 +30,16 @@ from koopfast import _distributed as kd
 from koopfast.masks.apply import fused_apply, match_masks
 from koopfast.masks.packed import PackedMask, pack
 
-__all__ = ["Masked"]
+__all__ = ["ZERO_PRESERVING", "Masked"]
 
 GradMasking = Literal["step", "backward"]
+
+# Optimizers (exact types) whose step keeps a pruned entry at +0 when its gradient is masked and its
+# states start at zero: every state is a sum of products with the gradient (momentum, moments),
+# a maximum of zeros (AMSGrad), and the update is a multiple of those states or of θ itself.
+ZERO_PRESERVING: frozenset[type[torch.optim.Optimizer]] = frozenset(
+    {torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW}
+)
 
 
 class Masked:
@@ -35,10 +52,13 @@ class Masked:
       optimizer) all of them in one fused pass when ``optimizer.step()`` starts; with
       ``grads="backward"`` (the default without one) each as soon as backward has accumulated
       it, so that gradient clipping and logging see masked gradients too;
-    - with an optimizer, after every ``optimizer.step()`` the parameters and every optimizer
-      state tensor shaped like its parameter are re-masked in one fused pass, so that pruned
-      entries stay +0 whatever the optimizer does (weight decay, momentum from before pruning,
-      optimizers that are not elementwise).
+    - with an optimizer, after ``optimizer.step()`` the parameters and every optimizer state
+      tensor shaped like its parameter are re-masked in one fused pass, so that pruned entries
+      stay +0 whatever the optimizer does (weight decay, optimizers that are not elementwise);
+      skipped for the optimizers of :data:`ZERO_PRESERVING` with ``grads="step"`` (their step
+      cannot make a pruned entry nonzero; see the module docstring), except for a
+      ``step(closure)``. Optimizer states present at construction, or loaded later with
+      ``optimizer.load_state_dict``, are masked then.
 
     Forward passes run the plain model: no hook, no copy of the weights; masks are stored
     packed (8 per byte) on the parameters' devices.
@@ -49,6 +69,9 @@ class Masked:
             tensors (True = keep) or :class:`PackedMask` es, on the parameters' devices.
         optimizer: the optimizer that trains ``model``, if any.
         grads: when gradients are masked, "step" or "backward" (see above).
+        remask_after_step: force the pass after each step on (True) or off (False; only safe if
+            the optimizer keeps zero entries zero, as above); None (the default) decides by the
+            rule above.
 
     Use :meth:`remove` (or a ``with`` block) to detach the hooks; the parameters stay pruned.
     """
@@ -60,6 +83,7 @@ class Masked:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         grads: GradMasking | None = None,
+        remask_after_step: bool | None = None,
     ):
         fn = "koopfast.masks.Masked"
         if not isinstance(model, nn.Module):
@@ -72,6 +96,12 @@ class Masked:
             raise ValueError(f"{fn}: expected grads to be 'step' or 'backward', got {grads!r}")
         if grads == "step" and optimizer is None:
             raise ValueError(f"{fn}: expected an optimizer for grads='step' (or grads='backward'), got none")
+        if remask_after_step is not None and not isinstance(remask_after_step, bool):
+            raise TypeError(
+                f"{fn}: expected remask_after_step to be True, False or None, got {type(remask_after_step).__name__}"
+            )
+        if remask_after_step is None:
+            remask_after_step = not (grads == "step" and type(optimizer) in ZERO_PRESERVING)
         names, params, mask_tensors = match_masks(model, masks, fn)
         if not names:
             raise ValueError(f"{fn}: expected at least one mask, got none")
@@ -80,6 +110,8 @@ class Masked:
         self._params = params
         self._optimizer = optimizer
         self._grads: GradMasking = grads
+        self._remask_after_step = bool(remask_after_step) and optimizer is not None
+        self._remask_this_step = self._remask_after_step
         # Validates shapes, dtypes and devices, and masks the parameters (and states) before any
         # hook exists: a rejected mask leaves the model and optimizer untouched.
         fused_apply(params, names, mask_tensors, names, list(range(len(params))), fn)
@@ -95,9 +127,9 @@ class Masked:
         self._handles: list = []
         if optimizer is not None:
             self._apply_to_states()
-            self._handles.append(optimizer.register_step_post_hook(lambda *_: self.apply_()))
-            if grads == "step":
-                self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.mask_grads()))
+            self._handles.append(optimizer.register_step_pre_hook(self._before_step))
+            self._handles.append(optimizer.register_step_post_hook(self._after_step))
+            self._handles.append(optimizer.register_load_state_dict_post_hook(lambda *_: self._apply_to_states()))
         if grads == "backward":
             for i, p in enumerate(params):
                 if p.requires_grad:
@@ -111,6 +143,11 @@ class Masked:
     @property
     def grads(self) -> GradMasking:
         return self._grads
+
+    @property
+    def remask_after_step(self) -> bool:
+        """Whether every ``optimizer.step()`` is followed by the re-masking pass (a closure step always is)."""
+        return self._remask_after_step
 
     def apply_(self) -> None:
         """Re-mask the parameters and, with an optimizer, its per-parameter states, in one fused pass."""
@@ -152,10 +189,23 @@ class Masked:
         total = sum(m.numel for m in self._packed.values())
         return (
             f"Masked({len(self._names)} tensors, {kept}/{total} kept, grads={self._grads!r}, "
-            f"optimizer={type(self._optimizer).__name__ if self._optimizer else None})"
+            f"optimizer={type(self._optimizer).__name__ if self._optimizer else None}, "
+            f"remask_after_step={self._remask_after_step})"
         )
 
     # ---- internals ----------------------------------------------------------------------------------
+
+    def _before_step(self, _optimizer, args, kwargs) -> None:
+        if self._grads == "step":
+            self.mask_grads()
+        # A closure computes gradients inside the step, after this hook: they reach the update unmasked.
+        # (torch passes step's own arguments, the optimizer first.)
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")
+        self._remask_this_step = self._remask_after_step or closure is not None
+
+    def _after_step(self, *_) -> None:
+        if self._remask_this_step:
+            self.apply_()
 
     def _apply_to_states(self) -> None:
         states = self._state_tensors()
