@@ -5,6 +5,7 @@ higher = keep, ready for :func:`koopfast.masks.global_topk`; structured criteria
 
 from koopfast.criteria.gradflow import (
     GradientFlow,
+    GradientFlowScores,
     biased_loss_preservation,
     cross_entropy,
     fisher,
@@ -20,6 +21,7 @@ from koopfast.criteria.spline import SplineScores, fold_batchnorm, spline_redund
 
 __all__ = [
     "GradientFlow",
+    "GradientFlowScores",
     "KoopmanScores",
     "SplineScores",
     "biased_loss_preservation",
