@@ -4,6 +4,7 @@ higher = keep, ready for :func:`koopfast.masks.global_topk`; structured criteria
 """
 
 from koopfast.criteria.gradflow import (
+    FlowAndPrune,
     GradientFlow,
     GradientFlowScores,
     biased_loss_preservation,
@@ -20,6 +21,7 @@ from koopfast.criteria.per_unit import per_unit
 from koopfast.criteria.spline import SplineScores, fold_batchnorm, spline_redundancy
 
 __all__ = [
+    "FlowAndPrune",
     "GradientFlow",
     "GradientFlowScores",
     "KoopmanScores",

@@ -70,6 +70,7 @@ from koopfast.criteria.gradflow.api import (
 )
 from koopfast.criteria.gradflow.flow import GradientFlow, GradientFlowScores
 from koopfast.criteria.gradflow.measures import ALL_MEASURES, BN_MEASURES, MEASURES
+from koopfast.criteria.gradflow.presets import PRESETS, FlowAndPrune
 
 __all__ = [
     "ALL_MEASURES",
@@ -77,6 +78,8 @@ __all__ = [
     "FD_RUNGS",
     "FD_TOLERANCE",
     "MEASURES",
+    "PRESETS",
+    "FlowAndPrune",
     "GradientFlow",
     "GradientFlowScores",
     "biased_loss_preservation",
