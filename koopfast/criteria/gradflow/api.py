@@ -97,11 +97,13 @@ def gradient_flow(
             batch tries h_k = h₀·10⁻ᵏ, k = 0..5 (h₀ = ε^(1/3) (1 + ‖θ‖) / ‖ḡ‖, ε that of the
             parameters' dtype), estimates the relative error of each step from its difference to
             the next, and uses the step with the smallest estimate (``GradientFlow.fd_step``,
-            ``fd_error``). Costs 12 backward passes of one batch. A given float skips the check.
+            ``fd_error``), then confirms it on every batch against h/10 (``fd_error`` is the larger
+            of the two estimates). Costs 12 backward passes of one batch and 2 more per batch.
+            A given float skips both checks.
         fd_tol: with ``fd_step="auto"``, the largest estimated relative error of Hḡ accepted;
-            above it (or when the estimate is NaN) ValueError is raised (the gradient is not
-            smooth enough at θ for finite differences, typically ReLU kinks crossed by every
-            step: use hvp="exact").
+            above it (or when an estimate is NaN) ValueError is raised (the gradient is not
+            smooth enough at θ for finite differences, typically ReLU kinks crossed by the
+            step in some batch: use hvp="exact").
         process_group: data-parallel scoring: a process group (or "default" for the default one)
             whose processes each hold the same model (replicated, as with DDP) and pass their own
             ``batches``. Every process gets the single-process result on all processes' batches
