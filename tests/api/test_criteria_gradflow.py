@@ -353,3 +353,27 @@ def test_finite_difference_is_accurate_or_refused(name, dtype):
         assert error <= accepted_bound, (name, seed, float(error), flow.fd_error)
     if name == "mlp-relu" and dtype == torch.float32:
         assert refused == 3  # 0.34-3.2 relative at the chosen step on every seed
+
+
+def test_scores_are_a_score_map_that_keeps_how_they_were_computed():
+    model = convnet()
+    flow = kf.criteria.gradient_flow(model, kf.criteria.cross_entropy(), batches_for(model), measure="grasp")
+    scores = flow.scores("loss_preservation", "filter", variant="tfo")
+    assert isinstance(scores, kf.ScoreMap) and isinstance(scores, kf.criteria.GradientFlowScores)
+    assert (scores.criterion, scores.measure, scores.granularity, scores.variant, scores.source) == (
+        "loss_preservation",
+        "loss_preservation",
+        "filter",
+        "tfo",
+        "weights",
+    )
+    derived = scores.map(torch.neg)
+    assert derived.variant == "tfo" and derived.granularity == "filter"
+    assert flow.hg is not None  # measure="grasp" asked for Hḡ
+    bn = kf.criteria.gradient_flow(model, kf.criteria.cross_entropy(), batches_for(model), source="bn", fisher=True)
+    assert bn.scores("nvidia", "filter").source == "bn"
+    weights = kf.criteria.gradient_flow(model, kf.criteria.cross_entropy(), batches_for(model), fisher=True)
+    with pytest.raises(ValueError, match=r"needs the BatchNorm shifts' E\[g²\]: .*source='bn', fisher=True"):
+        weights.scores("nvidia", "filter")
+    with pytest.raises(ValueError, match=r"variant 'init' needs init="):
+        flow.scores("biased_loss_preservation", "filter", variant="init")
