@@ -179,14 +179,9 @@ def _has_units(theta: Tensor, units: Units | None) -> bool:
 
 def _scored(chosen: GradientMeasure, granularity: str, theta, b, units, theta0) -> Tensor:
     if granularity == "unstructured":
-        if theta0 is not None:
-            return (theta - theta0).abs() * (theta * b).abs()
-        return chosen.elementwise(theta, b)
-    rows = units.rows(theta)
-    other = None if b is None else units.rows(b)
-    if theta0 is not None:
-        return ((rows - units.rows(theta0)).abs() * (rows * other).abs()).sum(1)
-    return chosen.per_unit(rows, other)
+        return chosen.elementwise(theta, b, theta0)
+    rows0 = None if theta0 is None else units.rows(theta0)
+    return chosen.per_unit(units.rows(theta), None if b is None else units.rows(b), rows0)
 
 
 def _check_init(init, params: dict[str, Tensor], fn: str) -> None:

@@ -44,12 +44,13 @@ class GradientMeasure:
     variants: ClassVar[tuple[str, ...]] = ("abs",)
     variant: str = "abs"
 
-    def elementwise(self, theta: Tensor, b: Tensor | None) -> Tensor:
+    def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
+        """Per-entry scores; ``theta0`` (θ at initialization) only for variants that use it."""
         raise NotImplementedError
 
-    def per_unit(self, rows: Tensor, other: Tensor | None) -> Tensor:
-        """Scores of the units whose entries are the rows of ``rows`` (``other`` likewise)."""
-        return self.elementwise(rows, other).sum(1)
+    def per_unit(self, rows: Tensor, other: Tensor | None, rows0: Tensor | None = None) -> Tensor:
+        """Scores of the units whose entries are the rows of ``rows`` (``other``, ``rows0`` likewise)."""
+        return self.elementwise(rows, other, rows0).sum(1)
 
     @property
     def needs_hg(self) -> bool:
@@ -64,10 +65,10 @@ class Magnitude(GradientMeasure):
     operand: ClassVar[Operand | None] = None
     fused: ClassVar[str] = "abs"
 
-    def elementwise(self, theta, b):
+    def elementwise(self, theta, b, theta0=None):
         return theta.abs()
 
-    def per_unit(self, rows, other):
+    def per_unit(self, rows, other, rows0=None):
         return rows.norm(dim=1)
 
 
@@ -80,10 +81,10 @@ class LossPreservation(GradientMeasure):
     fused: ClassVar[str] = "abs_product"
     variants: ClassVar[tuple[str, ...]] = ("abs", "tfo")
 
-    def elementwise(self, theta, b):
+    def elementwise(self, theta, b, theta0=None):
         return (theta * b).abs()
 
-    def per_unit(self, rows, other):
+    def per_unit(self, rows, other, rows0=None):
         return (rows * other).sum(1).abs() if self.variant == "tfo" else (rows * other).abs().sum(1)
 
 
@@ -97,7 +98,9 @@ class BiasedLossPreservation(GradientMeasure):
     fused: ClassVar[str] = "square_times_abs"
     variants: ClassVar[tuple[str, ...]] = ("abs", "init")
 
-    def elementwise(self, theta, b):
+    def elementwise(self, theta, b, theta0=None):
+        if self.variant == "init":
+            return (theta - theta0).abs() * (theta * b).abs()
         return theta * theta * b.abs()
 
 
@@ -109,10 +112,10 @@ class GradientNormPreservation(GradientMeasure):
     operand: ClassVar[Operand | None] = "hg"
     fused: ClassVar[str] = "abs_product"
 
-    def elementwise(self, theta, b):
+    def elementwise(self, theta, b, theta0=None):
         return (theta * b).abs()
 
-    def per_unit(self, rows, other):
+    def per_unit(self, rows, other, rows0=None):
         return (rows * other).sum(1).abs()
 
 
@@ -124,7 +127,7 @@ class Grasp(GradientMeasure):
     operand: ClassVar[Operand | None] = "hg"
     fused: ClassVar[str] = "product"
 
-    def elementwise(self, theta, b):
+    def elementwise(self, theta, b, theta0=None):
         return theta * b
 
 
@@ -136,7 +139,7 @@ class Fisher(GradientMeasure):
     operand: ClassVar[Operand | None] = "grad_sq"
     fused: ClassVar[str] = "square_times_abs"
 
-    def elementwise(self, theta, b):
+    def elementwise(self, theta, b, theta0=None):
         return theta * theta * b
 
 
