@@ -35,8 +35,8 @@ Why the defaults differ: a temperature changes what is measured (the authors cho
 measure; a new user's loss is their own), a fixed sample count and class-balanced batches are a
 data-loading policy (koopfast uses the batches it is given), and Hḡ over the scored tensors keeps
 the scores a function of the tensors being pruned (over every parameter, GraSP and
-gradient-norm scores move by 1-8 % per layer on the small BatchNorm convnets of tests/parity,
-where issue 13 saw rankings change).
+gradient-norm scores move by 1-8 % per layer on the small BatchNorm convnets of tests/parity;
+issue 13 saw 6-11 % and changed rankings).
 
 The authors' measure names map onto koopfast's: mag_based → magnitude (filter), l1 →
 ``kf.criteria.magnitude(p=1)``, loss_based → loss_preservation, tfo → loss_preservation variant
