@@ -4,7 +4,9 @@ higher = keep, ready for :func:`koopfast.masks.global_topk`; structured criteria
 """
 
 from koopfast.criteria.gradflow import (
+    FlowAndPrune,
     GradientFlow,
+    GradientFlowScores,
     biased_loss_preservation,
     cross_entropy,
     fisher,
@@ -20,7 +22,9 @@ from koopfast.criteria.shrinkbench import shrinkbench_masks, shrinkbench_prunabl
 from koopfast.criteria.spline import SplineScores, fold_batchnorm, spline_redundancy
 
 __all__ = [
+    "FlowAndPrune",
     "GradientFlow",
+    "GradientFlowScores",
     "KoopmanScores",
     "SplineScores",
     "biased_loss_preservation",

@@ -294,3 +294,86 @@ def test_operands_do_not_change_when_the_model_trains_on():
             p.mul_(0)
     after = flow.scores("loss_preservation")
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+FD_MODELS = {
+    "mlp-tanh": lambda: nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3)),
+    "mlp-relu": lambda: nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)),
+    "conv-relu": lambda: nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 3),
+    ),
+    "bn-convnet": lambda: nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(8 * 2 * 2, 3),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", list(FD_MODELS))
+def test_finite_difference_is_accurate_or_refused(name, dtype):
+    """fd_step="auto" against float64 double backpropagation (the numbers in the package
+    docstring): an accepted Hḡ is within the bound of its dtype, and one off by more than fd_tol is
+    refused, never returned; some seeds of the ReLU models are refused (the checks can fail)."""
+    accepted_bound = {torch.float32: 5e-3, torch.float64: 1e-9}[dtype]
+    refused = 0
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = FD_MODELS[name]().to(dtype)
+        gen = torch.Generator().manual_seed(10 + seed)
+        shape = (12,) if name.startswith("mlp") else (3, 8, 8)
+        batches = [
+            (torch.randn(16, *shape, generator=gen, dtype=dtype), torch.randint(3, (16,), generator=gen))
+            for _ in range(4)
+        ]
+        if name == "bn-convnet":  # running statistics other than the initial ones
+            with torch.no_grad():
+                for x, _ in batches:
+                    model(x)
+        reference = FD_MODELS[name]().double()
+        reference.load_state_dict(
+            {k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        )
+        loss = kf.criteria.cross_entropy()
+        exact = kf.criteria.gradient_flow(reference, loss, [(x.double(), y) for x, y in batches], hvp="exact").hg
+        unchecked = kf.criteria.gradient_flow(model, loss, batches, hvp="finite_difference", fd_tol=float("inf"))
+        error = (
+            sum(((unchecked.hg[n].double() - exact[n]) ** 2).sum() for n in exact)
+            / sum((h**2).sum() for h in exact.values())
+        ).sqrt()
+        try:
+            flow = kf.criteria.gradient_flow(model, loss, batches, hvp="finite_difference")
+        except ValueError as exc:
+            assert "failed its self-check" in str(exc)
+            refused += 1
+            continue
+        assert flow.fd_error <= kf.criteria.gradflow.FD_TOLERANCE
+        assert error <= accepted_bound, (name, seed, float(error), flow.fd_error)
+    if name == "mlp-relu" and dtype == torch.float32:
+        assert refused == 3  # 0.34-3.2 relative at the chosen step on every seed
+
+
+def test_scores_are_a_score_map_that_keeps_how_they_were_computed():
+    model = convnet()
+    flow = kf.criteria.gradient_flow(model, kf.criteria.cross_entropy(), batches_for(model), measure="grasp")
+    scores = flow.scores("loss_preservation", "filter", variant="tfo")
+    assert isinstance(scores, kf.ScoreMap) and isinstance(scores, kf.criteria.GradientFlowScores)
+    assert (scores.criterion, scores.measure, scores.granularity, scores.variant, scores.source) == (
+        "loss_preservation",
+        "loss_preservation",
+        "filter",
+        "tfo",
+        "weights",
+    )
+    derived = scores.map(torch.neg)
+    assert derived.variant == "tfo" and derived.granularity == "filter"
+    assert flow.hg is not None  # measure="grasp" asked for Hḡ
+    bn = kf.criteria.gradient_flow(model, kf.criteria.cross_entropy(), batches_for(model), source="bn", fisher=True)
+    assert bn.scores("nvidia", "filter").source == "bn"
+    weights = kf.criteria.gradient_flow(model, kf.criteria.cross_entropy(), batches_for(model), fisher=True)
+    with pytest.raises(ValueError, match=r"needs the BatchNorm shifts' E\[g²\]: .*source='bn', fisher=True"):
+        weights.scores("nvidia", "filter")
+    with pytest.raises(ValueError, match=r"variant 'init' needs init="):
+        flow.scores("biased_loss_preservation", "filter", variant="init")

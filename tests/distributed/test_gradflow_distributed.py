@@ -9,6 +9,8 @@ once (spawning costs seconds).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 import torch
 from harness import run
@@ -176,7 +178,7 @@ def distributed(request):
 
 
 def _close(key: str, got, want, rtol: float = 1e-12, atol: float = 1e-14) -> None:
-    if isinstance(want, dict):
+    if isinstance(want, Mapping):  # dicts of operands, ScoreMaps of scores
         assert got.keys() == want.keys(), key
         for n in want:
             _close(f"{key}[{n}]", got[n], want[n], rtol, atol)
