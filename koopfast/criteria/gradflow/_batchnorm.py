@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from koopfast._torch_compat import BATCHNORM
 from koopfast.prunable import units_of
 
 # Parameter-free, elementwise modules that may sit between a layer and its BatchNorm: the
@@ -55,7 +56,7 @@ def batchnorm_pairs(model: nn.Module, fn: str) -> dict[str, BatchNormOf]:
             continue
         bn_name, bn = leaves[j]
         if (
-            isinstance(bn, nn.modules.batchnorm._BatchNorm)
+            isinstance(bn, BATCHNORM)
             and bn.affine
             and bn.num_features == units.count(layer.weight.shape)
         ):

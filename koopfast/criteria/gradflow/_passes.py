@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from koopfast import _distributed as kf_dist
 from koopfast._reduce import sq_norm
+from koopfast._torch_compat import NORMALIZATION
 
 
 def batch_size(batch) -> int:
@@ -89,7 +90,7 @@ def scoring_mode(model: nn.Module, eval_mode: bool) -> Iterator[None]:
     stats = [
         (buf, buf.clone())
         for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+        if isinstance(m, NORMALIZATION) and m.track_running_stats
         for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
         if buf is not None
     ]
