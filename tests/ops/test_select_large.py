@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -9,18 +11,19 @@ import koopfast as kf
 from koopfast import reference
 
 SAMPLED = 1 << 21  # well above the CPU select's sampling threshold (2^18)
-SAMPLE_SIZE = 8192
+SAMPLE_RUN, SAMPLE_MIN_RUNS, SAMPLE_MAX_RUNS = 8, 1024, 8192
 
 
 def sampled_positions(n: int) -> torch.Tensor:
     """The positions the CPU select samples (csrc/select/select_cpu.cpp, sample_guess): a white-box
     copy, so that tests can plant values exactly where the sample looks."""
-    m = min(SAMPLE_SIZE, n)
-    stratum = n // m
+    runs = min(max(int(math.sqrt(n) / 2), SAMPLE_MIN_RUNS), SAMPLE_MAX_RUNS)
+    stratum = n // runs
     rng, out = 0x9E3779B97F4A7C15, []
-    for j in range(m):
+    for j in range(runs):
         rng = (rng * 6364136223846793005 + 1442695040888963407) % (1 << 64)
-        out.append(j * stratum + (rng >> 33) % stratum)
+        start = j * stratum + (rng >> 33) % (stratum - SAMPLE_RUN + 1)
+        out.extend(range(start, start + SAMPLE_RUN))
     return torch.tensor(out)
 
 
