@@ -44,10 +44,12 @@ constexpr int kSmallDigitWidth = 8;                    // for inputs too small t
 constexpr int64_t kSmallInput = int64_t{1} << 18;
 constexpr int64_t kSampleMinInput = int64_t{1} << 18;  // below this, no sampling
 // The sample: runs of kSampleRun consecutive scores (one cache line of float32: the reads are
-// latency-bound), sqrt(total) / 2 runs clamped to [1024, 8192]: at 10^8 scores, 40,000 scores.
+// latency-bound), sqrt(total) runs clamped to [1024, 16384]: at 10^8 scores, 80,000 scores. Each
+// candidate the filtering pass keeps costs far more than a scanned score, so a larger sample
+// (a narrower guessed range) pays for its scattered reads.
 constexpr int64_t kSampleRun = 8;
 constexpr int64_t kSampleMinRuns = 1024;
-constexpr int64_t kSampleMaxRuns = 8192;
+constexpr int64_t kSampleMaxRuns = 16384;
 constexpr int64_t kMaxKeptFraction = 16;  // kept candidate keys: at most total / 16
 
 const TensorView* b_of(const SelectInputs& in, int64_t t) { return in.b.empty() ? nullptr : &in.b[t]; }
@@ -220,7 +222,7 @@ class CpuSelect {
   // the margin is wider than the 4 that independent draws would need).
   RangeState<K> sample_guess(int64_t k) const {
     const int64_t n = in_.total;
-    const int64_t runs = std::clamp<int64_t>(static_cast<int64_t>(std::sqrt(static_cast<double>(n)) / 2),
+    const int64_t runs = std::clamp<int64_t>(static_cast<int64_t>(std::sqrt(static_cast<double>(n))),
                                              kSampleMinRuns, kSampleMaxRuns);
     const int64_t stratum = n / runs;  // >= kSampleMinInput / kSampleMaxRuns >= kSampleRun
     const int64_t m = runs * kSampleRun;

@@ -11,13 +11,13 @@ import koopfast as kf
 from koopfast import reference
 
 SAMPLED = 1 << 21  # well above the CPU select's sampling threshold (2^18)
-SAMPLE_RUN, SAMPLE_MIN_RUNS, SAMPLE_MAX_RUNS = 8, 1024, 8192
+SAMPLE_RUN, SAMPLE_MIN_RUNS, SAMPLE_MAX_RUNS = 8, 1024, 16384
 
 
 def sampled_positions(n: int) -> torch.Tensor:
     """The positions the CPU select samples (csrc/select/select_cpu.cpp, sample_guess): a white-box
     copy, so that tests can plant values exactly where the sample looks."""
-    runs = min(max(int(math.sqrt(n) / 2), SAMPLE_MIN_RUNS), SAMPLE_MAX_RUNS)
+    runs = min(max(int(math.sqrt(n)), SAMPLE_MIN_RUNS), SAMPLE_MAX_RUNS)
     stratum = n // runs
     rng, out = 0x9E3779B97F4A7C15, []
     for j in range(runs):
