@@ -2,20 +2,16 @@
 //
 // select_threshold is a most-significant-digit radix select on order-preserving keys. A fresh
 // histogram pass touches a histogram bin per element and runs at ~1 element/ns/core, far from the
-// memory bandwidth. So, for large inputs, a small deterministic sample first guesses a key range
-// likely to hold the k-th largest (about 1-3 % of the scores); one filtering pass then counts the
-// scores above that range with vectorized compares (cpu_range.h), histograms the few inside it
-// and keeps their keys. If the guess holds (it fails only when the sample lies), the histogram
-// names the bin holding the target and an exact selection among the kept keys of that bin ends
-// the search: one read of the input in all. If the guess misses (or too many keys fall inside),
-// the plain radix select continues with more passes. Either way the result is exact, and
-// independent of the thread count: the kept keys are a multiset, whatever order threads add them.
-// Extra memory: per-thread histograms, the sample, the kept keys (at most total / 16).
+// memory bandwidth. So, for large inputs, a small deterministic sample first guesses the bucket
+// (the leading key bits) holding the k-th largest; one speculative pass then counts the keys
+// above that bucket with vectorized compares and histograms only the few keys inside it. If the
+// guess holds (it fails only when the sample lies), the remaining key bits take at most one or
+// two more such filtering passes; if not, the plain radix select runs from scratch. Either way
+// the result is exact. Extra memory: per-thread histograms, the sample, one counter per chunk.
 //
 // topk_mask writes score > threshold (or >=, when every tie is kept) in one pass; if only some
 // ties are kept, it counts ties per chunk, and a prefix over chunks hands each chunk its share of
-// the kept ties, in flat-index order. The per-tensor ops run the same code with one segment (own
-// threshold, own tie quota) per tensor, all tensors in one call.
+// the kept ties, in flat-index order.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -23,7 +19,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <functional>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -33,7 +28,6 @@
 #include "common/checks.h"
 #include "common/chunks.h"
 #include "common/cpu_loops.h"
-#include "common/cpu_range.h"
 #include "select/select_args.h"
 
 namespace koopfast {
@@ -43,14 +37,7 @@ constexpr int kDigitWidth = 16;                        // at most 2^16 bins per 
 constexpr int kSmallDigitWidth = 8;                    // for inputs too small to amortize 2^16 bins
 constexpr int64_t kSmallInput = int64_t{1} << 18;
 constexpr int64_t kSampleMinInput = int64_t{1} << 18;  // below this, no sampling
-// The sample: runs of kSampleRun consecutive scores (one cache line of float32: the reads are
-// latency-bound), sqrt(total) runs clamped to [1024, 16384]: at 10^8 scores, 80,000 scores. Each
-// candidate the filtering pass keeps costs far more than a scanned score, so a larger sample
-// (a narrower guessed range) pays for its scattered reads.
-constexpr int64_t kSampleRun = 8;
-constexpr int64_t kSampleMinRuns = 1024;
-constexpr int64_t kSampleMaxRuns = 16384;
-constexpr int64_t kMaxKeptFraction = 16;  // kept candidate keys: at most total / 16
+constexpr int64_t kSampleSize = 8192;
 
 const TensorView* b_of(const SelectInputs& in, int64_t t) { return in.b.empty() ? nullptr : &in.b[t]; }
 
@@ -73,7 +60,7 @@ class CpuSelect {
       RangeState<K> guess = sample_guess(k);
       const RangeBins<K> g = range_bins(guess, width);
       int64_t above = 0, inside = 0;
-      const int64_t nan = scan(guess, g, /*check_nan=*/true, above, inside, /*keep=*/true);
+      const int64_t nan = scan(guess, g, /*check_nan=*/true, above, inside);
       if (nan >= 0) return report_nan(nan, threshold, stats);
       first = false;
       if (above < k && k <= above + inside) {
@@ -82,7 +69,6 @@ class CpuSelect {
         st.n_greater = above;
         st.n_bucket = inside;
         range_descend(st, hist_.data(), g);
-        if (!st.done() && kept_valid_) select_among_kept(st);
       } else {
         st = guess;
         range_retarget(st, k, above, inside);
@@ -92,7 +78,7 @@ class CpuSelect {
     while (!st.done() || st.n_bucket < 0) {
       const RangeBins<K> g = range_bins(st, width);
       int64_t above = 0, inside = 0;
-      const int64_t nan = scan(st, g, first, above, inside, /*keep=*/false);
+      const int64_t nan = scan(st, g, first, above, inside);
       if (nan >= 0) return report_nan(nan, threshold, stats);
       first = false;
       range_descend(st, hist_.data(), g);
@@ -111,37 +97,11 @@ class CpuSelect {
     stats[kNanTensor] = tensor;
   }
 
-  // Ends the search of st (the target's bin, not yet a single key) from the keys kept by the
-  // filtering pass: the k_rem-th largest of those in [st.lo, st.hi] (st.n_bucket of them).
-  void select_among_kept(RangeState<K>& st) {
-    std::vector<K> bin;
-    bin.reserve(static_cast<size_t>(st.n_bucket));
-    for (const auto& keys : kept_) {
-      for (K key : keys) {
-        if (key >= st.lo && key <= st.hi) bin.push_back(key);
-      }
-    }
-    TORCH_INTERNAL_ASSERT(static_cast<int64_t>(bin.size()) == st.n_bucket && st.k_rem >= 1 && st.k_rem <= st.n_bucket);
-    const auto nth = bin.begin() + (st.k_rem - 1);
-    std::nth_element(bin.begin(), nth, bin.end(), std::greater<K>());
-    const K target = *nth;
-    int64_t greater = 0, equal = 0;
-    for (K key : bin) {
-      greater += key > target;
-      equal += key == target;
-    }
-    st.n_greater += greater;
-    st.k_rem -= greater;
-    st.n_bucket = equal;
-    st.lo = st.hi = target;
-  }
-
   // One pass: hist_ = histogram of the keys in [st.lo, st.hi] in bins g; `above` = number of
   // keys greater than st.hi; `inside` = number in the range. Returns the first tensor with a NaN
-  // score if check_nan (else -1). With keep, the keys inside are also kept (kept_, per thread;
-  // kept_valid_ says whether all of them fit in the budget).
+  // score if check_nan (else -1).
   int64_t scan(const RangeState<K>& st, const RangeBins<K>& g, bool check_nan, int64_t& total_above,
-               int64_t& total_inside, bool keep) {
+               int64_t& total_inside) {
     // Candidates are found with float compares against the range's bounds, which vectorize better
     // than key arithmetic; for non-NaN scores, lo_f <= s <= hi_f <=> lo <= key(s) <= hi.
     const K lo = st.lo;
@@ -158,10 +118,6 @@ class CpuSelect {
     std::vector<int64_t> aboves(static_cast<size_t>(nthreads), 0);
     std::atomic<int64_t> first_nan{std::numeric_limits<int64_t>::max()};
     hist_.assign(static_cast<size_t>(nbins), 0);
-    kept_.assign(keep ? static_cast<size_t>(nthreads) : 0, {});
-    const int64_t keep_budget = std::max<int64_t>(in_.total / kMaxKeptFraction, 1);
-    std::atomic<int64_t> kept_count{0};
-    std::atomic<bool> keeping{keep};
 
     const int64_t num_chunks = static_cast<int64_t>(chunks_.size());
     for (int64_t round = 0; round < num_chunks; round += round_chunks) {
@@ -169,30 +125,36 @@ class CpuSelect {
       at::parallel_for(round, std::min(num_chunks, round + round_chunks), 1, [&](int64_t cb, int64_t ce) {
         const int tid = at::get_thread_num();
         uint32_t* hist = hists.data() + static_cast<int64_t>(tid) * nbins;
-        std::vector<K>* kept = keep ? &kept_[tid] : nullptr;
         int64_t above = 0;
         for (int64_t c = cb; c < ce; ++c) {
           const Chunk& ch = chunks_[c];
-          const bool keep_chunk = keep && keeping.load(std::memory_order_relaxed);
-          uint32_t nans = 0, inside = 0;
+          uint32_t nans = 0;
           for_each_score_of<C>(in_.kind, in_.a[ch.tensor], b_of(in_, ch.tensor), ch.begin, ch.end,
                                [&](const C* s, int64_t m, int64_t) {
-                                 RangeFlags f;
-                                 flag_range(s, m, lo_f, hi_f, f);
-                                 above += f.above;
-                                 nans += f.nan;
-                                 if (f.inside == 0) return;
-                                 inside += f.inside;
-                                 // Candidates are sparse: visit the set bits only.
-                                 for (int w = 0; w < RangeFlags::kWords; ++w) {
-                                   for (uint64_t word = f.bits[w]; word != 0; word &= word - 1) {
-                                     const K key = to_key(s[64 * w + __builtin_ctzll(word)]);
-                                     ++hist[static_cast<int64_t>(K(key - lo) >> shift)];
-                                     if (keep_chunk) kept->push_back(key);
+                                 alignas(8) uint8_t inside[kScoreBlock];
+                                 uint32_t n_above = 0, n_in = 0, n_nan = 0;
+                                 for (int64_t j = 0; j < m; ++j) {  // vectorized
+                                   const uint8_t in_range = (s[j] >= lo_f) & (s[j] <= hi_f);
+                                   inside[j] = in_range;
+                                   n_in += in_range;
+                                   n_above += s[j] > hi_f;
+                                   n_nan += s[j] != s[j];
+                                 }
+                                 above += n_above;
+                                 nans += n_nan;
+                                 if (n_in == 0) return;
+                                 for (int64_t j = m; j < kScoreBlock && (j & 7) != 0; ++j) inside[j] = 0;
+                                 // Candidates are sparse after the first pass: skip 8 flags at a time.
+                                 for (int64_t w = 0; w < m; w += 8) {
+                                   uint64_t word;
+                                   memcpy(&word, inside + w, 8);
+                                   while (word != 0) {
+                                     const int64_t j = w + (__builtin_ctzll(word) >> 3);
+                                     ++hist[static_cast<int64_t>(K(to_key(s[j]) - lo) >> shift)];
+                                     word &= word - 1;
                                    }
                                  }
                                });
-          if (keep_chunk && kept_count.fetch_add(inside) + inside > keep_budget) keeping.store(false);
           if (check_nan && nans > 0) {
             int64_t cur = first_nan.load();
             while (ch.tensor < cur && !first_nan.compare_exchange_weak(cur, ch.tensor)) {
@@ -206,8 +168,6 @@ class CpuSelect {
         for (int64_t i = 0; i < nbins; ++i) hist_[i] += h[i];
       }
     }
-    kept_valid_ = keep && keeping.load();
-    if (keep && !kept_valid_) kept_.clear();
     total_above = 0;
     total_inside = 0;
     for (int t = 0; t < nthreads; ++t) total_above += aboves[t];
@@ -217,63 +177,44 @@ class CpuSelect {
   }
 
   // A key range likely to hold the k-th largest key: the order statistics of a deterministic
-  // stratified sample (runs of kSampleRun consecutive scores, one per stratum), 5 standard
-  // deviations on either side of the target rank (runs of neighbours are not independent draws:
-  // the margin is wider than the 4 that independent draws would need).
+  // stratified sample 4 standard deviations on either side of the target rank.
   RangeState<K> sample_guess(int64_t k) const {
     const int64_t n = in_.total;
-    const int64_t runs = std::clamp<int64_t>(static_cast<int64_t>(std::sqrt(static_cast<double>(n))),
-                                             kSampleMinRuns, kSampleMaxRuns);
-    const int64_t stratum = n / runs;  // >= kSampleMinInput / kSampleMaxRuns >= kSampleRun
-    const int64_t m = runs * kSampleRun;
+    const int64_t m = std::min(kSampleSize, n);
+    const int64_t stratum = n / m;
     std::vector<int64_t> starts(in_.a.size() + 1, 0);  // first global index of each tensor
     for (size_t t = 0; t < in_.a.size(); ++t) starts[t + 1] = starts[t] + in_.a[t].numel;
-    std::vector<int64_t> positions(static_cast<size_t>(runs));
+    std::vector<int64_t> positions(static_cast<size_t>(m));
     uint64_t rng = 0x9E3779B97F4A7C15ull;
-    for (int64_t j = 0; j < runs; ++j) {
+    for (int64_t j = 0; j < m; ++j) {
       rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-      positions[j] = j * stratum + static_cast<int64_t>((rng >> 33) % static_cast<uint64_t>(stratum - kSampleRun + 1));
+      positions[j] = j * stratum + static_cast<int64_t>((rng >> 33) % static_cast<uint64_t>(stratum));
     }
     std::vector<K> keys(static_cast<size_t>(m));
-    at::parallel_for(0, runs, 64, [&](int64_t jb, int64_t je) {  // scattered reads: latency-bound
+    at::parallel_for(0, m, 256, [&](int64_t jb, int64_t je) {  // random reads: latency-bound
       for (int64_t j = jb; j < je; ++j) {
-        int64_t p = positions[j];
-        K* out = keys.data() + j * kSampleRun;
-        for (int64_t left = kSampleRun; left > 0;) {  // a run may cross into the next tensors
-          const int64_t t = std::upper_bound(starts.begin(), starts.end(), p) - starts.begin() - 1;
-          const int64_t i = p - starts[t];
-          const int64_t len = std::min(left, in_.a[t].numel - i);
-          for_each_score_of<C>(in_.kind, in_.a[t], b_of(in_, t), i, i + len, [&](const C* s, int64_t cnt, int64_t) {
-            for (int64_t q = 0; q < cnt; ++q) *out++ = to_key(s[q]);
-          });
-          left -= len;
-          p += len;
-        }
+        const int64_t t = std::upper_bound(starts.begin(), starts.end(), positions[j]) - starts.begin() - 1;
+        const int64_t i = positions[j] - starts[t];
+        for_each_score_of<C>(in_.kind, in_.a[t], b_of(in_, t), i, i + 1,
+                             [&](const C* s, int64_t, int64_t) { keys[j] = to_key(s[0]); });
       }
     });
+    std::sort(keys.begin(), keys.end(), [](K x, K y) { return x > y; });
     const double q = static_cast<double>(k) / static_cast<double>(n);
     const double p = q * static_cast<double>(m);
-    const double delta = 5.0 * std::sqrt(static_cast<double>(m) * q * (1.0 - q)) + 8.0;
-    const auto rank = [&](double x) {
-      return static_cast<int64_t>(std::clamp<double>(x, 0.0, static_cast<double>(m - 1)));
+    const double delta = 4.0 * std::sqrt(static_cast<double>(m) * q * (1.0 - q)) + 4.0;
+    const auto at_rank = [&](double x) {
+      return keys[static_cast<size_t>(std::clamp<double>(x, 0.0, static_cast<double>(m - 1)))];
     };
-    // Two selections (descending) instead of a sort: the upper rank first, then the lower rank
-    // among the keys after it.
-    const int64_t r_hi = rank(std::floor(p - delta));
-    const int64_t r_lo = std::max(rank(std::ceil(p + delta)), r_hi);
-    std::nth_element(keys.begin(), keys.begin() + r_hi, keys.end(), std::greater<K>());
-    std::nth_element(keys.begin() + r_hi, keys.begin() + r_lo, keys.end(), std::greater<K>());
     RangeState<K> guess;
-    guess.hi = p - delta < 0.0 ? ~K(0) : keys[r_hi];
-    guess.lo = p + delta > static_cast<double>(m - 1) ? K(0) : keys[r_lo];
+    guess.hi = p - delta < 0.0 ? ~K(0) : at_rank(std::floor(p - delta));
+    guess.lo = p + delta > static_cast<double>(m - 1) ? K(0) : at_rank(std::ceil(p + delta));
     return guess;
   }
 
   const SelectInputs& in_;
   const std::vector<Chunk> chunks_;
   std::vector<int64_t> hist_;
-  std::vector<std::vector<K>> kept_;  // per thread: keys inside the guessed range
-  bool kept_valid_ = false;
 };
 
 std::tuple<at::Tensor, at::Tensor> select_threshold_cpu(at::TensorList a, at::TensorList b, std::string_view score,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -11,19 +9,18 @@ import koopfast as kf
 from koopfast import reference
 
 SAMPLED = 1 << 21  # well above the CPU select's sampling threshold (2^18)
-SAMPLE_RUN, SAMPLE_MIN_RUNS, SAMPLE_MAX_RUNS = 8, 1024, 16384
+SAMPLE_SIZE = 8192
 
 
 def sampled_positions(n: int) -> torch.Tensor:
     """The positions the CPU select samples (csrc/select/select_cpu.cpp, sample_guess): a white-box
     copy, so that tests can plant values exactly where the sample looks."""
-    runs = min(max(int(math.sqrt(n)), SAMPLE_MIN_RUNS), SAMPLE_MAX_RUNS)
-    stratum = n // runs
+    m = min(SAMPLE_SIZE, n)
+    stratum = n // m
     rng, out = 0x9E3779B97F4A7C15, []
-    for j in range(runs):
+    for j in range(m):
         rng = (rng * 6364136223846793005 + 1442695040888963407) % (1 << 64)
-        start = j * stratum + (rng >> 33) % (stratum - SAMPLE_RUN + 1)
-        out.extend(range(start, start + SAMPLE_RUN))
+        out.append(j * stratum + (rng >> 33) % stratum)
     return torch.tensor(out)
 
 
