@@ -29,6 +29,14 @@ TORCH_LIBRARY(koopfast, m) {
   // Bool masks shaped like a: score > threshold, plus the first `ties kept` scores equal to it in
   // (tensor, flat index) order, so exactly k are True overall.
   m.def("topk_mask(Tensor[] a, Tensor[] b, str score, Tensor threshold, Tensor stats) -> Tensor[]");
+  // The same per tensor, all tensors in one call: row t of stats [T, 4] and thresholds[t] select
+  // the k[t] largest scores of a[t] alone (compute dtype as above, over the whole list), with
+  // k[t] in [0, numel]; k[t] = 0 (also an empty a[t]) gives +inf with stats (0, number of scores
+  // equal to +inf, 0, NaN). The NaN entry of row t is 0 (a[t] holds a NaN score) or -1.
+  m.def(
+      "select_threshold_per_tensor(Tensor[] a, Tensor[] b, str score, int[] k)"
+      " -> (Tensor thresholds, Tensor stats)");
+  m.def("topk_mask_per_tensor(Tensor[] a, Tensor[] b, str score, Tensor thresholds, Tensor stats) -> Tensor[]");
 
   // ---- parameter trajectories (csrc/trajectory; contract in trajectory.h) ----
   // snapshots: [capacity, N] float32/bfloat16/float16; anchor: optional float32 [N] (rows are

@@ -22,8 +22,10 @@ __all__ = [
     "hamming_distance",
     "pairwise_hamming",
     "select_threshold",
+    "select_threshold_per_tensor",
     "sign_codes",
     "topk_mask",
+    "topk_mask_per_tensor",
     "trajectory_combine",
     "trajectory_dots",
     "trajectory_ingest",
@@ -128,6 +130,52 @@ def topk_mask(
 @torch.library.register_fake("koopfast::topk_mask")
 def _topk_mask_fake(a, b, score, threshold, stats):
     _one_device("topk_mask", a=a, b=b, threshold=threshold, stats=stats)
+    return [torch.empty_like(t, dtype=torch.bool, memory_format=torch.contiguous_format) for t in a]
+
+
+def select_threshold_per_tensor(
+    a: Sequence[Tensor], b: Sequence[Tensor], score: ScoreBy, k: Sequence[int]
+) -> tuple[Tensor, Tensor]:
+    """:func:`select_threshold` of each tensor alone, all tensors in one call (layerwise selection).
+
+    Args:
+        a, b, score: as in :func:`select_threshold` (empty tensors allowed). The compute dtype is
+            that of the whole list: float64 if any ``a[i]`` is float64, else float32.
+        k: one count per tensor, ``0 <= k[i] <= a[i].numel()``.
+
+    Returns:
+        ``thresholds``: 1-D ``[len(a)]`` of the compute dtype, the ``k[i]``-th largest score of
+        ``a[i]`` (+inf where ``k[i] == 0``). ``stats``: int64 ``[len(a), 4]``, row i as
+        :func:`select_threshold`'s stats for ``a[i]`` alone: scores greater, equal (for
+        ``k[i] == 0``: the number equal to +inf), ties kept, and 0 if ``a[i]`` holds a NaN score
+        (then the rest of the row is undefined) or -1.
+    """
+    op = "select_threshold_per_tensor"
+    return torch.ops.koopfast.select_threshold_per_tensor.default(list(a), list(b), score, _int64_list(op, "k", k))
+
+
+@torch.library.register_fake("koopfast::select_threshold_per_tensor")
+def _select_threshold_per_tensor_fake(a, b, score, k):
+    _require(len(a) > 0, "koopfast::select_threshold_per_tensor: expected a to be a non-empty list of tensors")
+    _one_device("select_threshold_per_tensor", a=a, b=b)
+    thresholds = a[0].new_empty((len(a),), dtype=_compute_dtype(a))
+    stats = a[0].new_empty((len(a), NUM_SELECT_STATS), dtype=torch.int64)
+    return thresholds, stats
+
+
+def topk_mask_per_tensor(
+    a: Sequence[Tensor], b: Sequence[Tensor], score: ScoreBy, thresholds: Tensor, stats: Tensor
+) -> list[Tensor]:
+    """Bool masks of each tensor's own top ``k[i]`` scores, given
+    ``select_threshold_per_tensor(a, b, score, k)``'s outputs: ``mask[i]`` (``a[i]``'s shape,
+    contiguous) is True where the score exceeds ``thresholds[i]``, plus for the first
+    ``stats[i, 2]`` scores of ``a[i]`` equal to it in flat index order: exactly ``k[i]`` True."""
+    return torch.ops.koopfast.topk_mask_per_tensor.default(list(a), list(b), score, thresholds, stats)
+
+
+@torch.library.register_fake("koopfast::topk_mask_per_tensor")
+def _topk_mask_per_tensor_fake(a, b, score, thresholds, stats):
+    _one_device("topk_mask_per_tensor", a=a, b=b, thresholds=thresholds, stats=stats)
     return [torch.empty_like(t, dtype=torch.bool, memory_format=torch.contiguous_format) for t in a]
 
 

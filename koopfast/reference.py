@@ -19,9 +19,11 @@ __all__ = [
     "pairwise_hamming",
     "scores_of",
     "select_threshold",
+    "select_threshold_per_tensor",
     "sign_codes",
     "stored_values",
     "topk_mask",
+    "topk_mask_per_tensor",
     "trajectory_combine",
     "trajectory_dots",
     "trajectory_ingest",
@@ -64,6 +66,47 @@ def topk_mask(a: Sequence[Tensor], b: Sequence[Tensor], score: str, threshold: T
 
 
 # ---- parameter trajectories ------------------------------------------------------------------------
+
+
+def _select_sorted(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """select_threshold's (threshold, stats) for one flat NaN-free score tensor and k >= 1."""
+    threshold = torch.sort(s, descending=True).values[k - 1]
+    n_greater = int((s > threshold).sum())
+    stats = torch.tensor([n_greater, int((s == threshold).sum()), k - n_greater, -1], dtype=torch.int64)
+    return threshold, stats
+
+
+def select_threshold_per_tensor(
+    a: Sequence[Tensor], b: Sequence[Tensor], score: str, k: Sequence[int]
+) -> tuple[Tensor, Tensor]:
+    scores = scores_of(a, b, score)  # the compute dtype of the whole list
+    inf = torch.tensor(float("inf"), dtype=scores[0].dtype)
+    thresholds, rows = [], []
+    for s, kt in zip(scores, k):
+        s = s.cpu()
+        if bool(torch.isnan(s).any()):
+            thresholds.append(torch.tensor(float("nan"), dtype=s.dtype))
+            rows.append(torch.tensor([0, 0, 0, 0]))
+        elif kt == 0:
+            thresholds.append(inf)
+            rows.append(torch.tensor([0, int((s == inf).sum()), 0, -1]))
+        else:
+            threshold, stats = _select_sorted(s, kt)
+            thresholds.append(threshold)
+            rows.append(stats)
+    device = a[0].device
+    return torch.stack(thresholds).to(device), torch.stack(rows).to(device)
+
+
+def topk_mask_per_tensor(
+    a: Sequence[Tensor], b: Sequence[Tensor], score: str, thresholds: Tensor, stats: Tensor
+) -> list[Tensor]:
+    masks = []
+    for i, (x, s) in enumerate(zip(a, scores_of(a, b, score))):
+        eq = s == thresholds[i]
+        rank = torch.cumsum(eq.to(torch.int64), 0)
+        masks.append(((s > thresholds[i]) | (eq & (rank <= int(stats[i, 2])))).reshape(x.shape))
+    return masks
 
 
 def stored_values(params: Sequence[Tensor], storage: torch.dtype, anchor: Tensor | None) -> Tensor:

@@ -37,6 +37,25 @@ def _mask_samples(device: str) -> list[tuple]:
     return out
 
 
+def _select_per_tensor_samples(device: str) -> list[tuple]:
+    out = []
+    for a, b, score, _ in _select_samples(device):
+        k = [min(t.numel(), 2 + i) for i, t in enumerate(a)]
+        out.append((a, b, score, k))
+        out.append((a, b, score, [0] * len(a)))
+    empty = torch.empty(0, device=device)
+    out.append(([empty, torch.ones(3, device=device)], [], "value", [0, 2]))  # an empty tensor; ties
+    return out
+
+
+def _mask_per_tensor_samples(device: str) -> list[tuple]:
+    out = []
+    for a, b, score, k in _select_per_tensor_samples(device):
+        thresholds, stats = kf.ops.select_threshold_per_tensor(a, b, score, k)
+        out.append((a, b, score, thresholds, stats))
+    return out
+
+
 def _trajectory_buffers(device: str):
     g = torch.Generator().manual_seed(2)
     params = [torch.randn(3, 4, generator=g).to(device), torch.randn(5, generator=g).to(device).half()]
@@ -139,6 +158,8 @@ def _apply_samples(device: str) -> list[tuple]:
 SAMPLES: dict[str, Callable[[str], list[tuple]]] = {
     "select_threshold": _select_samples,
     "topk_mask": _mask_samples,
+    "select_threshold_per_tensor": _select_per_tensor_samples,
+    "topk_mask_per_tensor": _mask_per_tensor_samples,
     "trajectory_ingest": _ingest_samples,
     "trajectory_combine": _combine_samples,
     "trajectory_dots": _dots_samples,

@@ -81,6 +81,40 @@ ThresholdStats check_threshold_args(const char* op, const SelectInputs& in, cons
   return {st[kNumGreater], st[kNumEqual], st[kNumTiesKept]};
 }
 
+std::vector<int64_t> check_per_tensor_k(const char* op, const SelectInputs& in, at::IntArrayRef k) {
+  KF_CHECK_VALUE(k.size() == in.a.size(), op, "expected k to hold one count per tensor of a (", in.a.size(),
+                 "), got ", k.size());
+  for (size_t t = 0; t < k.size(); ++t) {
+    KF_CHECK_VALUE(k[t] >= 0 && k[t] <= in.a[t].numel, op, "expected k[", t, "] in [0, ", in.a[t].numel,
+                   "] (the number of elements of a[", t, "]), got ", k[t]);
+  }
+  return k.vec();
+}
+
+void check_per_tensor_threshold_args(const char* op, const SelectInputs& in, const at::Tensor& a0,
+                                     const at::Tensor& thresholds, const at::Tensor& stats) {
+  const auto want = in.wide ? c10::kDouble : c10::kFloat;
+  const int64_t n = static_cast<int64_t>(in.a.size());
+  KF_CHECK_VALUE(thresholds.dim() == 1 && thresholds.size(0) == n, op, "expected thresholds to have shape [", n,
+                 "] (one per tensor of a), got ", thresholds.sizes());
+  KF_CHECK_TYPE(thresholds.scalar_type() == want, op, "expected thresholds to be ", want,
+                " (the compute dtype of these inputs), got ", thresholds.scalar_type());
+  KF_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == n && stats.size(1) == kNumSelectStats, op,
+                 "expected stats to have shape [", n, ", ", int{kNumSelectStats}, "], got ", stats.sizes());
+  KF_CHECK_TYPE(stats.scalar_type() == c10::kLong, op, "expected stats to be int64, got ", stats.scalar_type());
+  KF_CHECK_VALUE(thresholds.device() == a0.device() && stats.device() == a0.device(), op,
+                 "expected thresholds and stats on ", a0.device(), ", got ", thresholds.device(), " and ",
+                 stats.device());
+}
+
+void check_mask_stats(const char* op, const int64_t* row, int64_t row_index) {
+  const std::string where = row_index < 0 ? std::string("stats") : "stats[" + std::to_string(row_index) + "]";
+  KF_CHECK_VALUE(row[kNanTensor] < 0, op, "expected ", where, " of NaN-free scores, got ", where,
+                 " reporting NaN in a[", row_index < 0 ? row[kNanTensor] : row_index, "]");
+  KF_CHECK_VALUE(row[kNumTiesKept] >= 0 && row[kNumTiesKept] <= row[kNumEqual], op, "expected ", where,
+                 " with 0 <= ties kept <= ties, got ", row[kNumTiesKept], " and ", row[kNumEqual]);
+}
+
 // ---- devices without a kernel, and calls without any tensor -----------------------------------------
 // The dispatcher routes both here (CompositeExplicitAutograd covers every backend key without a
 // kernel of its own, and the no-tensor case). Fail with the reason instead of a dispatcher dump.
@@ -101,11 +135,23 @@ std::vector<at::Tensor> topk_mask_no_kernel(at::TensorList a, at::TensorList, st
   no_kernel("topk_mask", a);
 }
 
+std::tuple<at::Tensor, at::Tensor> select_threshold_per_tensor_no_kernel(at::TensorList a, at::TensorList,
+                                                                         std::string_view, at::IntArrayRef) {
+  no_kernel("select_threshold_per_tensor", a);
+}
+
+std::vector<at::Tensor> topk_mask_per_tensor_no_kernel(at::TensorList a, at::TensorList, std::string_view,
+                                                       const at::Tensor&, const at::Tensor&) {
+  no_kernel("topk_mask_per_tensor", a);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(koopfast, CompositeExplicitAutograd, m) {
   m.impl("select_threshold", &select_threshold_no_kernel);
   m.impl("topk_mask", &topk_mask_no_kernel);
+  m.impl("select_threshold_per_tensor", &select_threshold_per_tensor_no_kernel);
+  m.impl("topk_mask_per_tensor", &topk_mask_per_tensor_no_kernel);
 }
 
 }  // namespace koopfast

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/string_view.h>
 
 #include <string_view>
@@ -40,5 +41,16 @@ struct ThresholdStats {
 // select_threshold and topk_mask anyway).
 ThresholdStats check_threshold_args(const char* op, const SelectInputs& in, const at::Tensor& a0,
                                     const at::Tensor& threshold, const at::Tensor& stats);
+
+// The per-tensor k of select_threshold_per_tensor: one per tensor of a, k[t] in [0, numel(a[t])].
+std::vector<int64_t> check_per_tensor_k(const char* op, const SelectInputs& in, at::IntArrayRef k);
+
+// Checks the thresholds [T] / stats [T, 4] pair produced by select_threshold_per_tensor.
+void check_per_tensor_threshold_args(const char* op, const SelectInputs& in, const at::Tensor& a0,
+                                     const at::Tensor& thresholds, const at::Tensor& stats);
+
+// Checks one stats row (host memory) before masks are written from it: NaN-free, 0 <= ties kept
+// <= ties. row_index < 0 for select_threshold's single row, else the row's index in messages.
+void check_mask_stats(const char* op, const int64_t* row, int64_t row_index);
 
 }  // namespace koopfast

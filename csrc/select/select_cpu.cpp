@@ -233,54 +233,146 @@ std::tuple<at::Tensor, at::Tensor> select_threshold_cpu(at::TensorList a, at::Te
   return {threshold, stats};
 }
 
-// ---- masks ------------------------------------------------------------------------------------------
+// ---- per tensor: one selection per tensor, all in one call ---------------------------------------
+
+// Tensors from this size on are selected one after the other, each by all threads; smaller ones
+// are spread over the threads, one thread per tensor (nested parallel regions run inline).
+constexpr int64_t kOwnThreadsMin = int64_t{1} << 20;
+
+// select_threshold over in.a[t] alone (compute dtype: in's), for k in [0, numel]. k = 0 (and an
+// empty tensor) gives threshold +inf with stats (0, number of scores equal to +inf, 0, NaN).
+template <class C>
+void select_one(const SelectInputs& in, size_t t, int64_t k, C* threshold, int64_t* stats) {
+  SelectInputs one;
+  one.a = {in.a[t]};
+  if (!in.b.empty()) one.b = {in.b[t]};
+  one.kind = in.kind;
+  one.wide = in.wide;
+  one.total = in.a[t].numel;
+  constexpr C inf = std::numeric_limits<C>::infinity();
+  if (one.total == 0) {
+    *threshold = inf;
+    stats[kNumGreater] = stats[kNumEqual] = stats[kNumTiesKept] = 0;
+    stats[kNanTensor] = -1;
+    return;
+  }
+  CpuSelect<C>(one).run(std::max<int64_t>(k, 1), threshold, stats);  // k = 0 still looks for NaN
+  if (k == 0 && stats[kNanTensor] < 0) {
+    // The largest score is +inf exactly when +inf is the threshold of k = 1: its ties are all of them.
+    stats[kNumEqual] = *threshold == inf ? stats[kNumEqual] : 0;
+    stats[kNumGreater] = stats[kNumTiesKept] = 0;
+    *threshold = inf;
+  }
+}
 
 template <class C>
-void mask_cpu(const SelectInputs& in, C thr, int64_t n_equal, int64_t ties_kept, std::vector<at::Tensor>& masks) {
+void select_per_tensor(const SelectInputs& in, const std::vector<int64_t>& k, C* thresholds, int64_t* stats) {
+  std::vector<size_t> small;
+  for (size_t t = 0; t < in.a.size(); ++t) {
+    if (in.a[t].numel >= kOwnThreadsMin) {
+      select_one<C>(in, t, k[t], thresholds + t, stats + t * kNumSelectStats);
+    } else {
+      small.push_back(t);
+    }
+  }
+  // Split the small tensors into one contiguous group per thread holding about equal elements.
+  const int nthreads = at::get_num_threads();
+  std::vector<int64_t> before(small.size() + 1, 0);
+  for (size_t i = 0; i < small.size(); ++i) before[i + 1] = before[i] + in.a[small[i]].numel + 1;
+  at::parallel_for(0, nthreads, 1, [&](int64_t gb, int64_t ge) {
+    const auto first = std::lower_bound(before.begin(), before.end() - 1, before.back() * gb / nthreads);
+    const auto last = std::lower_bound(before.begin(), before.end() - 1, before.back() * ge / nthreads);
+    for (auto it = first; it < last; ++it) {
+      const size_t t = small[static_cast<size_t>(it - before.begin())];
+      select_one<C>(in, t, k[t], thresholds + t, stats + t * kNumSelectStats);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> select_threshold_per_tensor_cpu(at::TensorList a, at::TensorList b,
+                                                                   std::string_view score, at::IntArrayRef k) {
+  constexpr const char* op = "select_threshold_per_tensor";
+  auto in = prepare_select_inputs(op, a, b, score);
+  const std::vector<int64_t> ks = check_per_tensor_k(op, in, k);
+  const int64_t n = static_cast<int64_t>(a.size());
+  auto thresholds = at::empty({n}, a[0].options().dtype(in.wide ? c10::kDouble : c10::kFloat));
+  auto stats = at::empty({n, kNumSelectStats}, a[0].options().dtype(c10::kLong));
+  if (in.wide) {
+    select_per_tensor<double>(in, ks, thresholds.data_ptr<double>(), stats.data_ptr<int64_t>());
+  } else {
+    select_per_tensor<float>(in, ks, thresholds.data_ptr<float>(), stats.data_ptr<int64_t>());
+  }
+  return {thresholds, stats};
+}
+
+// ---- masks ------------------------------------------------------------------------------------------
+
+// Where the mask pass takes its thresholds: tensor t belongs to segment segment_of[t] (segments
+// are contiguous runs of tensors), which has its own threshold, tie count and tie quota.
+template <class C>
+struct MaskSegments {
+  std::vector<int64_t> segment_of;
+  std::vector<C> threshold;
+  std::vector<int64_t> n_equal;
+  std::vector<int64_t> ties_kept;
+};
+
+template <class C>
+void mask_cpu(const SelectInputs& in, const MaskSegments<C>& seg, std::vector<at::Tensor>& masks) {
   const auto chunks = make_chunks(in.a);
-  const bool keep_all_ties = ties_kept == n_equal;
-  std::vector<int64_t> chunk_ties(keep_all_ties ? 0 : chunks.size(), 0);
+  const auto keep_all_ties = [&](int64_t s) { return seg.ties_kept[s] == seg.n_equal[s]; };
+  bool any_partial = false;
+  for (size_t s = 0; s < seg.threshold.size(); ++s) any_partial = any_partial || !keep_all_ties(s);
+  std::vector<int64_t> chunk_ties(any_partial ? chunks.size() : 0, 0);
   std::vector<bool*> out(masks.size());
   for (size_t i = 0; i < masks.size(); ++i) out[i] = masks[i].data_ptr<bool>();
 
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       const Chunk& ch = chunks[c];
+      const int64_t s = seg.segment_of[ch.tensor];
+      const C thr = seg.threshold[s];
+      const bool all_ties = keep_all_ties(s);
       bool* dst = out[ch.tensor];
       int64_t ties = 0;
       for_each_score_of<C>(in.kind, in.a[ch.tensor], b_of(in, ch.tensor), ch.begin, ch.end,
-                           [&](const C* s, int64_t m, int64_t flat) {
+                           [&](const C* sc, int64_t m, int64_t flat) {
                              bool* d = dst + flat;
-                             if (keep_all_ties) {
-                               for (int64_t j = 0; j < m; ++j) d[j] = s[j] >= thr;
+                             if (all_ties) {
+                               for (int64_t j = 0; j < m; ++j) d[j] = sc[j] >= thr;
                              } else {
                                uint32_t t = 0;
                                for (int64_t j = 0; j < m; ++j) {
-                                 d[j] = s[j] > thr;
-                                 t += s[j] == thr;
+                                 d[j] = sc[j] > thr;
+                                 t += sc[j] == thr;
                                }
                                ties += t;
                              }
                            });
-      if (!keep_all_ties) chunk_ties[c] = ties;
+      if (!all_ties) chunk_ties[c] = ties;
     }
   });
-  if (keep_all_ties) return;
+  if (!any_partial) return;
 
-  // Chunk c holds the ties ranked [before[c], before[c] + chunk_ties[c]) in (tensor, flat index)
-  // order; those ranked below ties_kept are kept.
+  // Chunk c holds the ties ranked [before[c], before[c] + chunk_ties[c]) of its segment in
+  // (tensor, flat index) order; those ranked below the segment's ties_kept are kept.
   std::vector<int64_t> before(chunks.size(), 0);
-  for (size_t c = 1; c < chunks.size(); ++c) before[c] = before[c - 1] + chunk_ties[c - 1];
+  for (size_t c = 1; c < chunks.size(); ++c) {
+    const bool same = seg.segment_of[chunks[c].tensor] == seg.segment_of[chunks[c - 1].tensor];
+    before[c] = same ? before[c - 1] + chunk_ties[c - 1] : 0;
+  }
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
-      if (chunk_ties[c] == 0 || before[c] >= ties_kept) continue;
-      int64_t quota = ties_kept - before[c];
       const Chunk& ch = chunks[c];
+      const int64_t s = seg.segment_of[ch.tensor];
+      if (chunk_ties[c] == 0 || before[c] >= seg.ties_kept[s]) continue;
+      int64_t quota = seg.ties_kept[s] - before[c];
+      const C thr = seg.threshold[s];
       bool* dst = out[ch.tensor];
       for_each_score_of<C>(in.kind, in.a[ch.tensor], b_of(in, ch.tensor), ch.begin, ch.end,
-                           [&](const C* s, int64_t m, int64_t flat) {
+                           [&](const C* sc, int64_t m, int64_t flat) {
                              for (int64_t j = 0; j < m && quota > 0; ++j) {
-                               if (s[j] == thr) {
+                               if (sc[j] == thr) {
                                  dst[flat + j] = true;
                                  --quota;
                                }
@@ -290,20 +382,54 @@ void mask_cpu(const SelectInputs& in, C thr, int64_t n_equal, int64_t ties_kept,
   });
 }
 
+std::vector<at::Tensor> empty_masks_like(at::TensorList a) {
+  std::vector<at::Tensor> masks;
+  masks.reserve(a.size());
+  for (const auto& t : a) masks.push_back(at::empty(t.sizes(), t.options().dtype(c10::kBool)));
+  return masks;
+}
+
 std::vector<at::Tensor> topk_mask_cpu(at::TensorList a, at::TensorList b, std::string_view score,
                                       const at::Tensor& threshold, const at::Tensor& stats) {
   constexpr const char* op = "topk_mask";
   auto in = prepare_select_inputs(op, a, b, score);
   check_threshold_args(op, in, a[0], threshold, stats);
   const int64_t* st = stats.data_ptr<int64_t>();
-  std::vector<at::Tensor> masks;
-  masks.reserve(a.size());
-  for (const auto& t : a) masks.push_back(at::empty(t.sizes(), t.options().dtype(c10::kBool)));
-  if (in.wide) {
-    mask_cpu<double>(in, *threshold.data_ptr<double>(), st[kNumEqual], st[kNumTiesKept], masks);
-  } else {
-    mask_cpu<float>(in, *threshold.data_ptr<float>(), st[kNumEqual], st[kNumTiesKept], masks);
-  }
+  check_mask_stats(op, st, -1);
+  auto masks = empty_masks_like(a);
+  const auto run = [&](auto ctag) {
+    using C = typename decltype(ctag)::type;
+    MaskSegments<C> seg{std::vector<int64_t>(a.size(), 0), {*threshold.data_ptr<C>()}, {st[kNumEqual]},
+                        {st[kNumTiesKept]}};
+    mask_cpu<C>(in, seg, masks);
+  };
+  in.wide ? run(TypeTag<double>{}) : run(TypeTag<float>{});
+  return masks;
+}
+
+std::vector<at::Tensor> topk_mask_per_tensor_cpu(at::TensorList a, at::TensorList b, std::string_view score,
+                                                 const at::Tensor& thresholds, const at::Tensor& stats) {
+  constexpr const char* op = "topk_mask_per_tensor";
+  auto in = prepare_select_inputs(op, a, b, score);
+  check_per_tensor_threshold_args(op, in, a[0], thresholds, stats);
+  const int64_t n = static_cast<int64_t>(a.size());
+  const auto st = stats.contiguous();
+  const int64_t* rows = st.data_ptr<int64_t>();
+  for (int64_t t = 0; t < n; ++t) check_mask_stats(op, rows + t * kNumSelectStats, t);
+  auto masks = empty_masks_like(a);
+  const auto run = [&](auto ctag) {
+    using C = typename decltype(ctag)::type;
+    const auto thr = thresholds.contiguous();
+    MaskSegments<C> seg;
+    for (int64_t t = 0; t < n; ++t) {
+      seg.segment_of.push_back(t);
+      seg.threshold.push_back(thr.data_ptr<C>()[t]);
+      seg.n_equal.push_back(rows[t * kNumSelectStats + kNumEqual]);
+      seg.ties_kept.push_back(rows[t * kNumSelectStats + kNumTiesKept]);
+    }
+    mask_cpu<C>(in, seg, masks);
+  };
+  in.wide ? run(TypeTag<double>{}) : run(TypeTag<float>{});
   return masks;
 }
 
@@ -312,6 +438,8 @@ std::vector<at::Tensor> topk_mask_cpu(at::TensorList a, at::TensorList b, std::s
 TORCH_LIBRARY_IMPL(koopfast, CPU, m) {
   m.impl("select_threshold", &select_threshold_cpu);
   m.impl("topk_mask", &topk_mask_cpu);
+  m.impl("select_threshold_per_tensor", &select_threshold_per_tensor_cpu);
+  m.impl("topk_mask_per_tensor", &topk_mask_per_tensor_cpu);
 }
 
 }  // namespace koopfast

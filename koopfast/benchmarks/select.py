@@ -3,6 +3,11 @@
 Case: the k-th largest |θ| at 90 % sparsity over a model-like list of tensors (200 tensors of
 log-uniformly spread sizes, trained-weight-like values with per-tensor scales). A streaming read
 of the same tensors (per-tensor ``sum``) is the bandwidth floor next to it.
+
+Second case: layerwise against global selection of the same masks budget over ResNet-50's 161
+parameter shapes (25.6 M entries): ``layerwise_topk`` (every tensor's own top 10 %, one call)
+next to ``global_topk`` (ratio: global time / layerwise time) and the per-tensor loop a user
+would write with ``torch.topk``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from koopfast.benchmarks.harness import Row, fill_ratios, peak_extra_bytes, time
 
 BASELINE = "torch.kthvalue(cat)"
 STREAM = "stream read (sum)"
+GLOBAL = "koopfast.global_topk (masks)"
+LAYERWISE = "koopfast.layerwise_topk (masks)"
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,7 @@ def methods(case: SelectCase, xs: list[Tensor]) -> dict[str, Callable[[], object
 
     return {
         "koopfast.select_threshold": lambda: kf.ops.select_threshold(xs, [], "abs", k)[0],
-        "koopfast.global_topk (masks)": lambda: kf.masks.global_topk(xs, case.sparsity, by="abs"),
+        GLOBAL: lambda: kf.masks.global_topk(xs, case.sparsity, by="abs"),
         BASELINE: lambda: torch.kthvalue(concatenated_abs(), n - k + 1).values,
         "torch.topk(cat)": lambda: torch.topk(concatenated_abs(), k, sorted=False).values.min(),
         STREAM: lambda: [x.sum() for x in xs],
@@ -69,7 +76,7 @@ def check(case: SelectCase, xs: list[Tensor], fns: dict[str, Callable[[], object
     expected = float(fns[BASELINE]())
     assert float(fns["koopfast.select_threshold"]()) == expected
     assert float(fns["torch.topk(cat)"]()) == expected
-    masks = fns["koopfast.global_topk (masks)"]()
+    masks = fns[GLOBAL]()
     assert sum(int(m.sum()) for m in masks) == case.k
     assert all(bool((x.abs()[m] >= expected).all()) for x, m in zip(xs, masks))
 
@@ -77,6 +84,90 @@ def check(case: SelectCase, xs: list[Tensor], fns: dict[str, Callable[[], object
 def cases(quick: bool, large: bool = False) -> Iterator[SelectCase]:
     for n in (10**6, 10**7) if quick else (10**8, 10**9) if large else (10**6, 10**7, 10**8):
         yield SelectCase(n=n)
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+    """The parameter shapes of torchvision's / transformers' ResNet-50 (bottleneck blocks 3-4-6-3,
+    BatchNorm weight and bias after every convolution, a 1000-way classifier): 161 tensors."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    cin = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for block in range(blocks):
+            for cout, cin_, kernel in ((width, cin, 1), (width, width, 3), (4 * width, width, 1)):
+                shapes += [(cout, cin_, kernel, kernel), (cout,), (cout,)]
+            if block == 0:  # the projection shortcut
+                shapes += [(4 * width, cin, 1, 1), (4 * width,), (4 * width,)]
+            cin = 4 * width
+    return [*shapes, (1000, 2048), (1000,)]
+
+
+def resnet50_like(dtype: torch.dtype, device: torch.device, seed: int) -> list[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in resnet50_shapes():
+        fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+        scale = 1.0 / math.sqrt(fan_in) if len(shape) > 1 else 0.1
+        out.append(
+            (torch.randn(shape, generator=g) * scale + (1.0 if len(shape) == 1 else 0.0)).to(dtype=dtype, device=device)
+        )
+    return out
+
+
+LAYERWISE_CASE = "layerwise vs global: ResNet-50 shapes"
+
+
+def layerwise_methods(xs: list[Tensor], sparsity: float) -> dict[str, Callable[[], object]]:
+    def torch_loop() -> list[Tensor]:
+        masks = []
+        for x in xs:
+            k = kf.masks.keep_count(x.numel(), sparsity)
+            mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
+            mask[torch.topk(x.reshape(-1).abs(), k, sorted=False).indices] = True
+            masks.append(mask.reshape(x.shape))
+        return masks
+
+    return {
+        GLOBAL: lambda: kf.masks.global_topk(xs, sparsity, by="abs"),
+        LAYERWISE: lambda: kf.masks.layerwise_topk(xs, sparsity, by="abs"),
+        "torch.topk per tensor (masks)": torch_loop,
+        STREAM: lambda: [x.sum() for x in xs],
+    }
+
+
+def check_layerwise(xs: list[Tensor], sparsity: float, fns: dict[str, Callable[[], object]]) -> None:
+    masks = fns[LAYERWISE]()
+    for x, m in zip(xs, masks):
+        k = kf.masks.keep_count(x.numel(), sparsity)
+        assert int(m.sum()) == k
+        if 0 < k < x.numel():  # every kept |x| at least every dropped one
+            assert float(x.abs()[m].min()) >= float(x.abs()[~m].max())
+    torch_masks = fns["torch.topk per tensor (masks)"]()
+    assert all(int(m.sum()) == int(t.sum()) for m, t in zip(masks, torch_masks))
+
+
+def run_layerwise(device: torch.device, *, repeat: int | None = None, sparsity: float = 0.9) -> list[Row]:
+    xs = resnet50_like(torch.float32, device, 0)
+    fns = layerwise_methods(xs, sparsity)
+    check_layerwise(xs, sparsity, fns)
+    n = sum(x.numel() for x in xs)
+    rows = []
+    for method, fn in fns.items():
+        t = time_fn(fn, device, repeat=repeat or 7)
+        peak = peak_extra_bytes(fn, device)
+        rows.append(
+            Row(
+                family="select",
+                case=LAYERWISE_CASE,
+                method=method,
+                n=n,
+                device=device.type,
+                median_ms=t.median_s * 1e3,
+                min_ms=t.min_s * 1e3,
+                bytes_moved=n * xs[0].element_size(),
+                peak_extra_mb=None if peak is None else peak / 2**20,
+            )
+        )
+    return fill_ratios(rows, GLOBAL, STREAM)
 
 
 def run(device: torch.device, *, quick: bool = False, repeat: int | None = None, large: bool = False) -> list[Row]:
@@ -105,4 +196,4 @@ def run(device: torch.device, *, quick: bool = False, repeat: int | None = None,
                 )
             )
         del xs, fns
-    return fill_ratios(rows, BASELINE, STREAM)
+    return fill_ratios(rows, BASELINE, STREAM) + run_layerwise(device, repeat=repeat)

@@ -89,19 +89,25 @@ def layerwise(operands: Selection, sparsity: float | Mapping[str, float], fn: st
     """Each tensor's own top round((1 - s) n) (s: common, or per name with 0 for names not given).
 
     The selection under :func:`layerwise_topk` (and ``structured_topk(scope="layerwise")``): masks
-    in the order of ``operands``' tensors; ``fn`` names the caller in the errors.
+    in the order of ``operands``' tensors, all tensors in two op calls; ``fn`` names the caller in the errors.
     """
     if isinstance(sparsity, Mapping):
         unknown = set(map(str, sparsity)) - set(operands.names)
         if unknown:
             raise ValueError(f"{fn}: expected sparsity keys among the score names, got unknown {sorted(unknown)}")
-    masks = []
-    for i, name in enumerate(operands.names):
+    keep = []
+    for name, a in zip(operands.names, operands.a):
         s = sparsity.get(name, 0.0) if isinstance(sparsity, Mapping) else sparsity
-        a = operands.a[i]
-        k = keep_count(a.numel(), s, fn=fn)  # validates s even for an empty tensor
-        masks.append(torch.zeros_like(a, dtype=torch.bool) if a.numel() == 0 else operands.subset(i).topk(k)[0])
-    return masks
+        keep.append(keep_count(a.numel(), s, fn=fn))  # validates s even for an empty tensor
+    try:
+        thresholds, stats = ops.select_threshold_per_tensor(operands.a, operands.b, operands.by, keep)
+    except (ValueError, TypeError) as exc:
+        raise operands.rename(exc) from None
+    # One small read (a sync on CUDA): NaN must raise, never be silently kept or dropped.
+    nan = torch.nonzero(stats[:, ops.STAT_NAN_TENSOR] >= 0).flatten().tolist()
+    if nan:
+        raise ValueError(f"{fn}: expected scores without NaN, got NaN in {operands.names[nan[0]]!r}")
+    return ops.topk_mask_per_tensor(operands.a, operands.b, operands.by, thresholds, stats)
 
 
 def _sharded(operands: Selection, sparsity, keep, layout: kd.Layout, fn: str):
