@@ -44,7 +44,8 @@ def run(split, pretrain: int, window: int, tune: int) -> None:
     lam = complex(kmp.info["eigenvalues"][0])
     print(f"window: steps {pretrain}..{pretrain + window}; N = {rec.numel}, T = {len(rec)}; dense accuracy {dense:.3f}")
     print(
-        f"DMD ({kmd.method_used} factor): {kmd.n_modes} modes (rtol {kmd.rtol_used:.1e}); λ nearest 1 = {lam.real:.5f}{lam.imag:+.5f}i, "
+        f"DMD ({kmd.method_used} factor): {kmd.n_modes} modes (rtol {kmd.rtol_used:.1e}); "
+        f"λ nearest 1 = {lam.real:.5f}{lam.imag:+.5f}i, "
         f"|λ-1| = {abs(lam - 1):.1e}, residual {float(kmp.info['residuals'][0]):.3f}"
     )
     print("  sparsity  KMP acc  magnitude acc  KMP tuned  magnitude tuned  mask overlap")

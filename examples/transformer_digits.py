@@ -97,8 +97,14 @@ def run(train_steps: int = 600, fine_tune: int = 200, seed: int = 0, sparsities=
         per_unit = kf.criteria.per_unit(scores, small)  # any unstructured score, summed per unit
         per_unit.pop("vit.classifier.weight")  # the ten classes stay
         result = kf.structure.prune_channels(
-            small, x, per_unit, 0.5, ignored_layers=[small.vit.classifier],
-            num_heads=kf.structure.attention_heads(small), prune_num_heads=True, prune_head_dims=False,
+            small,
+            x,
+            per_unit,
+            0.5,
+            ignored_layers=[small.vit.classifier],
+            num_heads=kf.structure.attention_heads(small),
+            prune_num_heads=True,
+            prune_head_dims=False,
             head_pruning_ratio=0.5,
         )
         before = _digits.accuracy(small, split.x_test, split.y_test)

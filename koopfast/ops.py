@@ -158,7 +158,7 @@ def select_threshold_per_tensor(
 def _select_threshold_per_tensor_fake(a, b, score, k):
     _require(len(a) > 0, "koopfast::select_threshold_per_tensor: expected a to be a non-empty list of tensors")
     _one_device("select_threshold_per_tensor", a=a, b=b)
-    thresholds = a[0].new_empty((len(a),), dtype=_compute_dtype(a))
+    thresholds = a[0].new_empty((len(a),), dtype=compute_dtype(a))
     stats = a[0].new_empty((len(a), NUM_SELECT_STATS), dtype=torch.int64)
     return thresholds, stats
 

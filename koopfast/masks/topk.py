@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from koopfast import _distributed as kd
+from koopfast import ops
 from koopfast._types import ScoreBy
 from koopfast.masks.selection import Scores, Selection, keep_count, resolve_keep
 from koopfast.masks.sharded import sharded_topk

@@ -417,10 +417,16 @@ class Functional(nn.Module):
 
 def test_only_layers_with_a_relu_like_activation_are_scored():
     model = nn.Sequential(
-        nn.Linear(6, 8), nn.ReLU(inplace=True),  # kept
-        nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Dropout(0.3), nn.PReLU(),  # kept: dropout passes through
-        nn.Linear(8, 8), nn.ReLU6(),  # a second kink at 6
-        nn.Linear(8, 8), nn.GELU(),  # smooth
+        nn.Linear(6, 8),
+        nn.ReLU(inplace=True),  # kept
+        nn.Linear(8, 8),
+        nn.BatchNorm1d(8),
+        nn.Dropout(0.3),
+        nn.PReLU(),  # kept: dropout passes through
+        nn.Linear(8, 8),
+        nn.ReLU6(),  # a second kink at 6
+        nn.Linear(8, 8),
+        nn.GELU(),  # smooth
         nn.Linear(8, 8),  # no activation: a linear bottleneck feeding the next layer
         nn.Linear(8, 3),
     ).eval()

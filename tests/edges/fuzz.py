@@ -66,6 +66,7 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
         return a.is_meta and b.is_meta
     if a.numel() == 0:
         return True
+
     def raw(t):
         return t.clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8)
 
@@ -530,7 +531,12 @@ def target_gradient_flow(data) -> None:
     measure = data.draw(st.sampled_from(list(kf.criteria.gradflow.MEASURES)))
     try:
         flow = kf.criteria.gradient_flow(
-            model, kf.criteria.cross_entropy(), batches, hvp=hvp, fd_step=fd_step, fisher=data.draw(st.booleans()),
+            model,
+            kf.criteria.cross_entropy(),
+            batches,
+            hvp=hvp,
+            fd_step=fd_step,
+            fisher=data.draw(st.booleans()),
             eval_mode=data.draw(st.booleans()),
         )
         scores = flow.scores(measure, data.draw(st.sampled_from(["unstructured", "filter"])))

@@ -261,7 +261,7 @@ def test_integer_importance_scores_are_ranked_as_torch_ranks_them():
     t = torch.randperm(70).reshape(10, 7) - 35  # distinct integer magnitudes but 0
     ours = kf_prune.L1Unstructured(amount=0.2).compute_mask(t, torch.ones_like(t))
     theirs = torch.nn.utils.prune.L1Unstructured(amount=0.2).compute_mask(t, torch.ones_like(t))
-    ties = (t.abs() == t.abs().flatten().kthvalue(14).values)  # torch's choice among ties is unspecified
+    ties = t.abs() == t.abs().flatten().kthvalue(14).values  # torch's choice among ties is unspecified
     assert int((ours == 0).sum()) == 14 and torch.equal(ours[~ties], theirs[~ties])
     with pytest.raises(TypeError, match=r"L1Unstructured: expected the importance scores to be a real .* torch.bool"):
         kf_prune.L1Unstructured(amount=1).compute_mask(torch.ones(3, dtype=torch.bool), torch.ones(3))

@@ -105,7 +105,12 @@ def test_multihead_attention_input_projections_are_prunable():
     separate = nn.MultiheadAttention(16, 4, kdim=8, vdim=12, add_bias_kv=True)
     coverage = kf.prunable.coverage(separate)
     assert set(coverage.included) == {
-        "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"
+        "q_proj_weight",
+        "k_proj_weight",
+        "v_proj_weight",
+        "in_proj_bias",
+        "out_proj.weight",
+        "out_proj.bias",
     }
     assert set(coverage.excluded) == {"bias_k", "bias_v"} and "keys/values" in coverage.excluded["bias_k"]
 

@@ -84,8 +84,16 @@ def test_vit_loses_whole_attention_heads_and_hidden_channels_under_koopman_score
     heads = kf.structure.attention_heads(model)
     assert len(heads) == 6 and set(heads.values()) == {4}
     result = kf.structure.prune_channels(
-        model, x, scores, 0.5, ignored_layers=[model.classifier], output_transform=lambda out: out.logits.sum(),
-        num_heads=heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=0.5,
+        model,
+        x,
+        scores,
+        0.5,
+        ignored_layers=[model.classifier],
+        output_transform=lambda out: out.logits.sum(),
+        num_heads=heads,
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=0.5,
     )
     assert result.params_after < 0.6 * result.params_before
     for layer in model.vit.layers:
@@ -120,9 +128,16 @@ def test_bert_loses_heads_through_its_query_key_value_projections():
     scores = kf.criteria.magnitude(model, granularity="filter")
     assert "bert.embeddings.word_embeddings.weight" not in scores  # the decoder is the tied table: unscored
     result = kf.structure.prune_channels(
-        model, x, scores, 0.5, ignored_layers=[model.cls.predictions.decoder],
+        model,
+        x,
+        scores,
+        0.5,
+        ignored_layers=[model.cls.predictions.decoder],
         output_transform=lambda o: o.logits.sum(),
-        num_heads=heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=0.5,
+        num_heads=heads,
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=0.5,
     )
     assert result.params_after < 0.5 * result.params_before
     assert model(**x).logits.shape == (4, 12, 48)

@@ -55,11 +55,7 @@ def batchnorm_pairs(model: nn.Module, fn: str) -> dict[str, BatchNormOf]:
         if j == len(leaves):
             continue
         bn_name, bn = leaves[j]
-        if (
-            isinstance(bn, BATCHNORM)
-            and bn.affine
-            and bn.num_features == units.count(layer.weight.shape)
-        ):
+        if isinstance(bn, BATCHNORM) and bn.affine and bn.num_features == units.count(layer.weight.shape):
             prefix = f"{bn_name}." if bn_name else ""
             pairs[f"{layer_name}.weight" if layer_name else "weight"] = BatchNormOf(f"{prefix}weight", f"{prefix}bias")
     if not pairs:
