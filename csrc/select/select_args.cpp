@@ -74,11 +74,13 @@ ThresholdStats check_threshold_args(const char* op, const SelectInputs& in, cons
   const at::Tensor host = stats.is_cpu() ? stats : stats.to(c10::kCPU);
   const at::Tensor values = host.contiguous();
   const int64_t* st = values.data_ptr<int64_t>();
-  KF_CHECK_VALUE(st[kNanTensor] < 0, op, "expected stats of NaN-free scores, got stats reporting NaN in a[",
-                 st[kNanTensor], "]");
-  KF_CHECK_VALUE(st[kNumTiesKept] >= 0 && st[kNumTiesKept] <= st[kNumEqual], op,
-                 "expected stats with 0 <= ties kept <= ties, got ", st[kNumTiesKept], " and ", st[kNumEqual]);
+  check_mask_stats(op, st, -1);
   return {st[kNumGreater], st[kNumEqual], st[kNumTiesKept]};
+}
+
+void check_select_k(const char* op, const SelectInputs& in, int64_t k) {
+  KF_CHECK_VALUE(in.total > 0, op, "expected at least one element in a, got only empty tensors");
+  KF_CHECK_VALUE(k >= 1 && k <= in.total, op, "expected k in [1, ", in.total, "] (the number of elements), got ", k);
 }
 
 std::vector<int64_t> check_per_tensor_k(const char* op, const SelectInputs& in, at::IntArrayRef k) {

@@ -42,6 +42,9 @@ struct ThresholdStats {
 ThresholdStats check_threshold_args(const char* op, const SelectInputs& in, const at::Tensor& a0,
                                     const at::Tensor& threshold, const at::Tensor& stats);
 
+// select_threshold's k: 1 <= k <= the number of elements of a (which must hold at least one).
+void check_select_k(const char* op, const SelectInputs& in, int64_t k);
+
 // The per-tensor k of select_threshold_per_tensor: one per tensor of a, k[t] in [0, numel(a[t])].
 std::vector<int64_t> check_per_tensor_k(const char* op, const SelectInputs& in, at::IntArrayRef k);
 

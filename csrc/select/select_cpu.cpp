@@ -221,8 +221,7 @@ std::tuple<at::Tensor, at::Tensor> select_threshold_cpu(at::TensorList a, at::Te
                                                         int64_t k) {
   constexpr const char* op = "select_threshold";
   auto in = prepare_select_inputs(op, a, b, score);
-  KF_CHECK_VALUE(in.total > 0, op, "expected at least one element in a, got only empty tensors");
-  KF_CHECK_VALUE(k >= 1 && k <= in.total, op, "expected k in [1, ", in.total, "] (the number of elements), got ", k);
+  check_select_k(op, in, k);
   auto threshold = at::empty({}, a[0].options().dtype(in.wide ? c10::kDouble : c10::kFloat));
   auto stats = at::empty({kNumSelectStats}, a[0].options().dtype(c10::kLong));
   if (in.wide) {
@@ -393,14 +392,12 @@ std::vector<at::Tensor> topk_mask_cpu(at::TensorList a, at::TensorList b, std::s
                                       const at::Tensor& threshold, const at::Tensor& stats) {
   constexpr const char* op = "topk_mask";
   auto in = prepare_select_inputs(op, a, b, score);
-  check_threshold_args(op, in, a[0], threshold, stats);
-  const int64_t* st = stats.data_ptr<int64_t>();
-  check_mask_stats(op, st, -1);
+  const ThresholdStats st = check_threshold_args(op, in, a[0], threshold, stats);  // any strides
   auto masks = empty_masks_like(a);
   const auto run = [&](auto ctag) {
     using C = typename decltype(ctag)::type;
-    MaskSegments<C> seg{std::vector<int64_t>(a.size(), 0), {*threshold.data_ptr<C>()}, {st[kNumEqual]},
-                        {st[kNumTiesKept]}};
+    MaskSegments<C> seg{std::vector<int64_t>(a.size(), 0), {*threshold.data_ptr<C>()}, {st.n_equal},
+                        {st.ties_kept}};
     mask_cpu<C>(in, seg, masks);
   };
   in.wide ? run(TypeTag<double>{}) : run(TypeTag<float>{});

@@ -252,8 +252,7 @@ std::tuple<at::Tensor, at::Tensor> select_threshold_cuda(at::TensorList a, at::T
                                                          int64_t k) {
   constexpr const char* op = "select_threshold";
   auto in = prepare_select_inputs(op, a, b, score);
-  KF_CHECK_VALUE(in.total > 0, op, "expected at least one element in a, got only empty tensors");
-  KF_CHECK_VALUE(k >= 1 && k <= in.total, op, "expected k in [1, ", in.total, "] (the number of elements), got ", k);
+  check_select_k(op, in, k);
   const c10::cuda::CUDAGuard guard(a[0].device());
   auto threshold = at::empty({}, a[0].options().dtype(in.wide ? c10::kDouble : c10::kFloat));
   auto stats = at::empty({kNumSelectStats}, a[0].options().dtype(c10::kLong));

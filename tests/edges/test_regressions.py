@@ -320,3 +320,13 @@ def test_koopfast_s_own_float_reductions_do_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     assert values[0] == values[1]
     assert abs(values[0] - float(x.double().square().sum())) <= 1e-12 * values[0]
+
+
+def test_topk_mask_reads_strided_stats_by_their_strides():
+    """topk_mask read the stats' memory as if contiguous: a strided stats view gave wrong tie counts."""
+    x = torch.tensor([3.0, 1.0, 1.0, 1.0, 0.0])
+    threshold, stats = kf.ops.select_threshold([x], [], "value", 2)
+    strided = torch.stack([stats, torch.full_like(stats, 99)], dim=1)[:, 0]  # stride 2
+    assert not strided.is_contiguous()
+    masks = kf.ops.topk_mask([x], [], "value", threshold, strided)
+    assert masks[0].tolist() == [True, True, False, False, False]
