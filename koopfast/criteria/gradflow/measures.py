@@ -65,11 +65,12 @@ class Magnitude(GradientMeasure):
     operand: ClassVar[Operand | None] = None
     fused: ClassVar[str] = "abs"
 
-    def elementwise(self, theta, b, theta0=None):
+    def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
         return theta.abs()
 
-    def per_unit(self, rows, other, rows0=None):
-        return rows.norm(dim=1)
+    def per_unit(self, rows: Tensor, other: Tensor | None, rows0: Tensor | None = None) -> Tensor:
+        norms: Tensor = rows.norm(dim=1)  # Tensor.norm is typed Any in torch's stubs
+        return norms
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,12 @@ class LossPreservation(GradientMeasure):
     fused: ClassVar[str] = "abs_product"
     variants: ClassVar[tuple[str, ...]] = ("abs", "tfo")
 
-    def elementwise(self, theta, b, theta0=None):
+    def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
+        assert b is not None  # this measure has an operand: its caller passes it
         return (theta * b).abs()
 
-    def per_unit(self, rows, other, rows0=None):
+    def per_unit(self, rows: Tensor, other: Tensor | None, rows0: Tensor | None = None) -> Tensor:
+        assert other is not None  # this measure has an operand: its caller passes it
         return (rows * other).sum(1).abs() if self.variant == "tfo" else (rows * other).abs().sum(1)
 
 
@@ -98,8 +101,10 @@ class BiasedLossPreservation(GradientMeasure):
     fused: ClassVar[str] = "square_times_abs"
     variants: ClassVar[tuple[str, ...]] = ("abs", "init")
 
-    def elementwise(self, theta, b, theta0=None):
+    def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
+        assert b is not None  # this measure has an operand: its caller passes it
         if self.variant == "init":
+            assert theta0 is not None  # variant "init": GradientFlow.scores checked init=
             return (theta - theta0).abs() * (theta * b).abs()
         return theta * theta * b.abs()
 
@@ -112,10 +117,12 @@ class GradientNormPreservation(GradientMeasure):
     operand: ClassVar[Operand | None] = "hg"
     fused: ClassVar[str] = "abs_product"
 
-    def elementwise(self, theta, b, theta0=None):
+    def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
+        assert b is not None  # this measure has an operand: its caller passes it
         return (theta * b).abs()
 
-    def per_unit(self, rows, other, rows0=None):
+    def per_unit(self, rows: Tensor, other: Tensor | None, rows0: Tensor | None = None) -> Tensor:
+        assert other is not None  # this measure has an operand: its caller passes it
         return (rows * other).sum(1).abs()
 
 
@@ -127,7 +134,8 @@ class Grasp(GradientMeasure):
     operand: ClassVar[Operand | None] = "hg"
     fused: ClassVar[str] = "product"
 
-    def elementwise(self, theta, b, theta0=None):
+    def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
+        assert b is not None  # this measure has an operand: its caller passes it
         return theta * b
 
 
@@ -139,7 +147,8 @@ class Fisher(GradientMeasure):
     operand: ClassVar[Operand | None] = "grad_sq"
     fused: ClassVar[str] = "square_times_abs"
 
-    def elementwise(self, theta, b, theta0=None):
+    def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
+        assert b is not None  # this measure has an operand: its caller passes it
         return theta * theta * b
 
 
