@@ -16,6 +16,8 @@ from typing import ClassVar, Literal
 
 from torch import Tensor
 
+from koopfast._types import ScoreBy
+
 __all__ = [
     "ALL_MEASURES",
     "BN_MEASURES",
@@ -40,7 +42,7 @@ class GradientMeasure:
 
     name: ClassVar[str]
     operand: ClassVar[Operand | None]
-    fused: ClassVar[str]  # by= of koopfast.masks.global_topk
+    fused: ClassVar[ScoreBy]  # by= of koopfast.masks.global_topk
     variants: ClassVar[tuple[str, ...]] = ("abs",)
     variant: str = "abs"
 
@@ -63,7 +65,7 @@ class Magnitude(GradientMeasure):
 
     name: ClassVar[str] = "magnitude"
     operand: ClassVar[Operand | None] = None
-    fused: ClassVar[str] = "abs"
+    fused: ClassVar[ScoreBy] = "abs"
 
     def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
         return theta.abs()
@@ -79,7 +81,7 @@ class LossPreservation(GradientMeasure):
 
     name: ClassVar[str] = "loss_preservation"
     operand: ClassVar[Operand | None] = "grad"
-    fused: ClassVar[str] = "abs_product"
+    fused: ClassVar[ScoreBy] = "abs_product"
     variants: ClassVar[tuple[str, ...]] = ("abs", "tfo")
 
     def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
@@ -98,7 +100,7 @@ class BiasedLossPreservation(GradientMeasure):
 
     name: ClassVar[str] = "biased_loss_preservation"
     operand: ClassVar[Operand | None] = "grad"
-    fused: ClassVar[str] = "square_times_abs"
+    fused: ClassVar[ScoreBy] = "square_times_abs"
     variants: ClassVar[tuple[str, ...]] = ("abs", "init")
 
     def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
@@ -115,7 +117,7 @@ class GradientNormPreservation(GradientMeasure):
 
     name: ClassVar[str] = "gradient_norm_preservation"
     operand: ClassVar[Operand | None] = "hg"
-    fused: ClassVar[str] = "abs_product"
+    fused: ClassVar[ScoreBy] = "abs_product"
 
     def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
         assert b is not None  # this measure has an operand: its caller passes it
@@ -132,7 +134,7 @@ class Grasp(GradientMeasure):
 
     name: ClassVar[str] = "grasp"
     operand: ClassVar[Operand | None] = "hg"
-    fused: ClassVar[str] = "product"
+    fused: ClassVar[ScoreBy] = "product"
 
     def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
         assert b is not None  # this measure has an operand: its caller passes it
@@ -145,7 +147,7 @@ class Fisher(GradientMeasure):
 
     name: ClassVar[str] = "fisher"
     operand: ClassVar[Operand | None] = "grad_sq"
-    fused: ClassVar[str] = "square_times_abs"
+    fused: ClassVar[ScoreBy] = "square_times_abs"
 
     def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
         assert b is not None  # this measure has an operand: its caller passes it
