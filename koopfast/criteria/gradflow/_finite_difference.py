@@ -4,24 +4,38 @@ operand estimator (replicated or sharded: it supplies the gradient sums)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from koopfast.criteria.gradflow._passes import global_sums, squared_norm
+from koopfast.criteria.gradflow._replicated import Replicated
+from koopfast.criteria.gradflow._sharded import Sharded
+
+Estimator = Replicated | Sharded
 
 FD_TOLERANCE = 5e-2  # default fd_tol: the largest estimated relative error of a finite-difference Hḡ accepted
 FD_RUNGS = 6  # steps h₀ · 10⁻ᵏ, k = 0..5, tried by the finite-difference self-check
 
 
-def finite_difference(estimator, batches, grad: dict[str, Tensor], samples: float, step, tol: float, fn: str):
+def finite_difference(
+    estimator: Estimator,
+    batches: Iterable[object],
+    grad: dict[str, Tensor],
+    samples: float,
+    step: float | Literal["auto"],
+    tol: float,
+    fn: str,
+) -> tuple[dict[str, Tensor], float | None, float | None]:
     """Hḡ with the step given, or chosen by the self-check (see gradient_flow's ``fd_step``).
     Returns (Hḡ, the step, the estimated relative error or None)."""
     params = estimator.params
     theta_sq, g_sq = global_sums([squared_norm(params.values()), squared_norm(grad.values())], estimator.norm_layout)
     if g_sq == 0:  # the global ḡ: the same decision on every process
         return {n: torch.zeros_like(g) for n, g in grad.items()}, None, None
-    error = None
+    error: float | None = None
     if step == "auto":
         eps = max(torch.finfo(p.dtype).eps for p in params.values())
         h0 = eps ** (1 / 3) * (1 + math.sqrt(theta_sq)) / math.sqrt(g_sq)
@@ -47,7 +61,9 @@ def finite_difference(estimator, batches, grad: dict[str, Tensor], samples: floa
     return {n: t / (2 * step * samples) for n, t in total.items()}, float(step), error
 
 
-def _quotient_sums(estimator, step, batches, grad):
+def _quotient_sums(
+    estimator: Estimator, step: float, batches: Iterable[object], grad: dict[str, Tensor]
+) -> dict[str, Tensor]:
     total, _ = estimator.fd_sums(step, batches, grad)
     estimator.reduce_fd_sums(total)  # replicated: each process summed its own batches
     return total
@@ -63,13 +79,13 @@ def _refuse_above(error: float, tol: float, what: str, fn: str) -> None:
         )
 
 
-def self_check(estimator, first: list, grad: dict[str, Tensor], h0: float) -> tuple[float, float]:
+def self_check(estimator: Estimator, first: list[object], grad: dict[str, Tensor], h0: float) -> tuple[float, float]:
     """The step of smallest estimated error among h₀·10⁻ᵏ on the first batch (every process's first
     batch: norms summed over the processes). The estimate for h_k is ‖d_k − d_(k+1)‖ / ‖d_(k+1)‖ with
     d the difference quotients: in the truncation regime (error ∝ h²) it is d_k's error."""
     steps = [h0 * 10.0**-k for k in range(FD_RUNGS)]
-    previous = None
-    partial = []
+    previous: dict[str, Tensor] | None = None
+    partial: list[float] = []
     for h in steps:
         sums, _ = estimator.fd_sums(h, first, grad)
         current = {n: t / (2 * h) for n, t in sums.items()}
@@ -78,7 +94,7 @@ def self_check(estimator, first: list, grad: dict[str, Tensor], h0: float) -> tu
             partial += [diff, squared_norm(current.values())]
         previous = current
     totals = global_sums(partial, estimator.layout)
-    errors = []
+    errors: list[float] = []
     for diff, norm in zip(totals[::2], totals[1::2]):
         estimate = 0.0 if diff == 0 else (math.sqrt(diff / norm) if norm > 0 else math.inf)
         errors.append(math.inf if math.isnan(estimate) else estimate)  # NaN/Inf gradients: never the best

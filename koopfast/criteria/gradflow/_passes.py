@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +16,7 @@ from koopfast._reduce import sq_norm
 from koopfast._torch_compat import NORMALIZATION
 
 
-def batch_size(batch) -> int:
+def batch_size(batch: object) -> int:
     """The batch's weight: the length of its first tensor with dimensions (1 if there is none)."""
     if isinstance(batch, Tensor):
         return int(batch.shape[0]) if batch.dim() else 1
@@ -28,7 +29,7 @@ def batch_size(batch) -> int:
     return 1
 
 
-def checked_loss(model, loss_fn, batch, fn) -> Tensor:
+def checked_loss(model: nn.Module, loss_fn: Callable[[nn.Module, Any], object], batch: object, fn: str) -> Tensor:
     loss = loss_fn(model, batch)
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
@@ -48,7 +49,7 @@ def gradients(loss: Tensor, params: dict[str, Tensor], fn: str, create_graph: bo
 
 def accumulator(p: Tensor) -> Tensor:
     """A zero running sum for a parameter (its local rows if sharded): float32, float64 kept."""
-    local = p.to_local() if kf_dist.any_dtensor([p]) else p
+    local = kf_dist.local(p)
     return torch.zeros_like(local, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
 
 
@@ -64,7 +65,7 @@ def all_reduce_sums(tensors: list[Tensor], layout: kf_dist.Layout | None) -> Non
     with torch.no_grad():
         for group in by_dtype.values():
             flat = kf_dist.all_reduce(torch.cat([t.reshape(-1).to(device) for t in group]), layout)
-            for t, piece in zip(group, flat.split([t.numel() for t in group])):
+            for t, piece in zip(group, torch.split(flat, [t.numel() for t in group])):
                 t.copy_(piece.view_as(t))
 
 
@@ -92,7 +93,7 @@ def scoring_mode(model: nn.Module, eval_mode: bool) -> Iterator[None]:
         for m in model.modules()
         if isinstance(m, NORMALIZATION) and m.track_running_stats
         for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
-        if buf is not None
+        if isinstance(buf, Tensor)  # None where the statistic is not kept
     ]
     if eval_mode:
         model.eval()

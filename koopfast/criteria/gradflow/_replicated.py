@@ -3,6 +3,9 @@ model and iterates its own batches; batch-weighted sums are all-reduced."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -16,20 +19,27 @@ from koopfast.criteria.gradflow._passes import (
     gradients,
 )
 
+if TYPE_CHECKING:
+    from koopfast.criteria.gradflow.api import LossFn
+
 
 class Replicated:
     """ḡ, E[g²], exact Hḡ and finite-difference sums of ``params`` (each process's own batches)."""
 
     # the norms of θ and ḡ are the same on every process: nothing to sum
-    norm_layout = None
+    norm_layout: kf_dist.Layout | None = None
 
-    def __init__(self, model: nn.Module, loss_fn, params: dict[str, Tensor], layout: kf_dist.Layout | None, fn: str):
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, params: dict[str, Tensor], layout: kf_dist.Layout | None, fn: str
+    ) -> None:
         self.model, self.loss_fn, self.params, self.layout, self.fn = model, loss_fn, params, layout, fn
 
     def check(self, hvp: str | None, fisher: bool) -> None:
         """Replicated parameters support every operand."""
 
-    def mean_gradient(self, batches, fisher: bool):
+    def mean_gradient(
+        self, batches: Iterable[object], fisher: bool
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None, int, float]:
         """(ḡ, E[g²] or None, batches counted, samples), over every process's batches."""
         total = {n: accumulator(p) for n, p in self.params.items()}
         total_sq = {n: torch.zeros_like(t) for n, t in total.items()} if fisher else None
@@ -60,14 +70,14 @@ class Replicated:
             grad_sq = None if total_sq is None else {n: (t / samples).to(dtypes[n]) for n, t in total_sq.items()}
         return grad, grad_sq, count, samples
 
-    def exact_hvp(self, batches, grad: dict[str, Tensor], samples: float) -> dict[str, Tensor]:
+    def exact_hvp(self, batches: Iterable[object], grad: dict[str, Tensor], samples: float) -> dict[str, Tensor]:
         """Σ_b w_b H_b ḡ / Σ_b w_b by double backpropagation, one batch at a time. The fused
         attention kernels (flash, memory-efficient, CPU flash) have no double backward; the math
         backend computes the same attention with ordinary, twice-differentiable operations."""
         with sdpa_kernel([SDPBackend.MATH]):
             return self._exact_hvp(batches, grad, samples)
 
-    def _exact_hvp(self, batches, grad, samples):
+    def _exact_hvp(self, batches: Iterable[object], grad: dict[str, Tensor], samples: float) -> dict[str, Tensor]:
         params, fn = self.params, self.fn
         total = {n: torch.zeros_like(g) for n, g in grad.items()}
         vec = [grad[n] for n in params]
@@ -77,6 +87,7 @@ class Replicated:
                 continue
             grads = gradients(checked_loss(self.model, self.loss_fn, batch, fn), params, fn, create_graph=True)
             dot = sum((g * v).sum() for g, v in zip(grads, vec))
+            assert isinstance(dot, Tensor)  # at least one scored tensor (entries() refuses none)
             try:
                 hv = torch.autograd.grad(dot, list(params.values()), allow_unused=True)
             except RuntimeError as exc:
@@ -91,7 +102,7 @@ class Replicated:
         all_reduce_sums(list(total.values()), self.layout)
         return {n: t / samples for n, t in total.items()}
 
-    def fd_sums(self, h: float, batches, grad: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
+    def fd_sums(self, h: float, batches: Iterable[object], grad: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
         """Σ_b w_b (∇L_b(θ + hḡ) − ∇L_b(θ − hḡ)) over this process's given batches, and Σ_b w_b."""
         params, fn = self.params, self.fn
         total = {n: torch.zeros_like(g) for n, g in grad.items()}

@@ -11,6 +11,8 @@ and no E[g²] (only the sum of the processes' gradients exists)."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -18,18 +20,23 @@ from torch import Tensor, nn
 from koopfast import _distributed as kf_dist
 from koopfast.criteria.gradflow._passes import accumulator, batch_size, checked_loss
 
+if TYPE_CHECKING:
+    from koopfast.criteria.gradflow.api import LossFn
+
 
 class Sharded:
     """ḡ and finite-difference sums of sharded ``params``; results are this process's rows."""
 
-    def __init__(self, model: nn.Module, loss_fn, params: dict[str, Tensor], layout: kf_dist.Layout, fn: str):
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, params: dict[str, Tensor], layout: kf_dist.Layout, fn: str
+    ) -> None:
         self.model, self.loss_fn, self.params, self.layout, self.fn = model, loss_fn, params, layout, fn
         self.norm_layout = layout  # each process holds some rows: norms are sums over the processes
-        self._everything = list(model.parameters())
-        self._locals = {n: p.to_local() for n, p in params.items()}
+        self._everything: list[Tensor] = list(model.parameters())
+        self._locals = {n: kf_dist.local(p) for n, p in params.items()}  # DTensors: their rows
 
     @contextlib.contextmanager
-    def grads_kept(self):
+    def grads_kept(self) -> Iterator[None]:
         saved = [p.grad for p in self._everything]
         try:
             yield
@@ -50,8 +57,11 @@ class Sharded:
                 "parameters backward() only yields their sum over the processes"
             )
 
-    def mean_gradient(self, batches, fisher: bool):
+    def mean_gradient(
+        self, batches: Iterable[object], fisher: bool
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None, int, float]:
         fn, layout = self.fn, self.layout
+        assert isinstance(batches, Sequence)  # estimate() hands sharded estimators a list
         empty = sum(batch_size(b) == 0 for b in batches)
         gathered = kf_dist.all_gather_ints([len(batches), empty], layout)
         if any(e for _, e in gathered):
@@ -70,7 +80,7 @@ class Sharded:
         total, samples = self._sums(batches, 1.0)
         return {n: t / samples for n, t in total.items()}, None, counts[0] * layout.world, samples
 
-    def _sums(self, batches, sign: float):
+    def _sums(self, batches: Iterable[object], sign: float) -> tuple[dict[str, Tensor], float]:
         """Σ over every process's batches of w_b g_b, this process's rows (float32/float64), and Σ w_b."""
         total = {n: accumulator(p) for n, p in self.params.items()}
         samples = 0.0
@@ -78,7 +88,8 @@ class Sharded:
             w = batch_size(batch)
             for p in self._everything:
                 p.grad = None
-            (checked_loss(self.model, self.loss_fn, batch, self.fn) * w).backward()
+            loss = checked_loss(self.model, self.loss_fn, batch, self.fn) * w
+            loss.backward()  # type: ignore[no-untyped-call]  # Tensor.backward is unannotated in torch
             with torch.no_grad():
                 for name, p in self.params.items():
                     if p.grad is None:
@@ -90,7 +101,7 @@ class Sharded:
         count = torch.tensor([samples], dtype=torch.float64, device=kf_dist.comm_device(self.layout))
         return total, float(kf_dist.all_reduce(count, self.layout))
 
-    def fd_sums(self, h: float, batches, grad: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
+    def fd_sums(self, h: float, batches: Iterable[object], grad: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
         """As :meth:`Replicated.fd_sums`, but each process moves its rows of θ, and FSDP's backward
         passes sum the gradients over every process's batches."""
         originals = {n: t.detach().clone() for n, t in self._locals.items()}

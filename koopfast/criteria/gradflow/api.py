@@ -4,7 +4,7 @@ as thin wrappers; the cross-entropy loss with a temperature."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -16,7 +16,10 @@ from koopfast.criteria.gradflow._passes import scoring_mode
 from koopfast.criteria.gradflow.estimate import estimate, every_parameter
 from koopfast.criteria.gradflow.flow import GradientFlow, GradientFlowScores, Granularity
 from koopfast.criteria.gradflow.measures import ALL_MEASURES
-from koopfast.prunable import ALONG_DIM_0, ParamSource, entries
+from koopfast.prunable import ALONG_DIM_0, ParamSource, Units, entries
+
+if TYPE_CHECKING:
+    from koopfast.criteria.gradflow.presets import FlowAndPrune
 
 __all__ = [
     "biased_loss_preservation",
@@ -39,7 +42,7 @@ def cross_entropy(temperature: float = 1.0) -> LossFn:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"koopfast.criteria.cross_entropy: expected a positive temperature, got {temperature!r}")
 
-    def loss_fn(model: nn.Module, batch) -> Tensor:
+    def loss_fn(model: nn.Module, batch: Any) -> Tensor:
         inputs, targets = batch
         return nn.functional.cross_entropy(model(inputs) / temperature, targets)
 
@@ -49,7 +52,7 @@ def cross_entropy(temperature: float = 1.0) -> LossFn:
 def gradient_flow(
     model: nn.Module,
     loss_fn: LossFn | None,
-    batches: Iterable,
+    batches: Iterable[object],
     *,
     hvp: Hvp | None = None,
     fisher: bool = False,
@@ -59,8 +62,8 @@ def gradient_flow(
     hvp_params: Literal["scored", "all"] = "scored",
     fd_step: float | Literal["auto"] = "auto",
     fd_tol: float = FD_TOLERANCE,
-    process_group=None,
-    preset: str | None = None,
+    process_group: Any = None,
+    preset: str | FlowAndPrune | None = None,
     measure: str | None = None,
 ) -> GradientFlow:
     """ḡ over ``batches`` (and Hḡ with ``hvp``, E[g²] with ``fisher``) for the model's prunable
@@ -177,22 +180,22 @@ def gradient_flow(
 
 
 def operands(
-    model,
-    loss_fn,
-    batches,
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[object],
     *,
-    hvp,
-    fisher,
-    params,
-    source,
-    eval_mode,
-    hvp_params,
-    fd_step,
-    fd_tol,
-    process_group,
-    fn,
-    hvp_loss_fn=None,
-    hvp_batches=None,
+    hvp: Hvp | None,
+    fisher: bool,
+    params: ParamSource | None,
+    source: Literal["weights", "bn"],
+    eval_mode: bool,
+    hvp_params: Literal["scored", "all"],
+    fd_step: float | Literal["auto"],
+    fd_tol: float,
+    process_group: Any,
+    fn: str,
+    hvp_loss_fn: LossFn | None = None,
+    hvp_batches: Iterable[object] | None = None,
 ) -> GradientFlow:
     """``gradient_flow`` once its options are settled (presets call it too): ``hvp_loss_fn`` and
     ``hvp_batches``, if given, are the loss and data of Hḡ (and of its own ḡ) instead of
@@ -217,6 +220,8 @@ def operands(
         raise ValueError(f"{fn}: expected fd_tol to be a positive float, got {fd_tol!r}")
     bn_scales: dict[str, str] = {}
     shifts: dict[str, Tensor] = {}
+    scored: dict[str, Tensor]
+    units: dict[str, Units | None]
     if source == "bn":
         pairs = batchnorm_pairs(model, fn)
         named = dict(model.named_parameters())
@@ -294,15 +299,15 @@ def operands(
 # ---- the named criteria: thin wrappers --------------------------------------------------------------
 
 
-def _named(measure: str, hvp_default: str | None = None):
+def _named(measure: str, hvp_default: Hvp | None = None) -> Callable[..., GradientFlowScores]:
     def criterion(
         model: nn.Module,
         loss_fn: LossFn,
-        batches: Iterable,
+        batches: Iterable[object],
         *,
         granularity: Granularity = "unstructured",
         hvp: Hvp | None = hvp_default,
-        **kwargs,
+        **kwargs: Any,
     ) -> GradientFlowScores:
         variant = kwargs.pop("variant", "abs")
         flow = gradient_flow(model, loss_fn, batches, hvp=hvp, fisher=measure == "fisher", **kwargs)

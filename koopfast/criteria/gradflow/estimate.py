@@ -4,14 +4,19 @@ parameters; the finite-difference Hḡ is the same code for both."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from torch import Tensor, nn
 
 from koopfast import _distributed as kf_dist
-from koopfast.criteria.gradflow._finite_difference import finite_difference
+from koopfast.criteria.gradflow._finite_difference import Estimator, finite_difference
 from koopfast.criteria.gradflow._replicated import Replicated
 from koopfast.criteria.gradflow._sharded import Sharded
+
+if TYPE_CHECKING:
+    from koopfast.criteria.gradflow.api import LossFn
 
 __all__ = ["Operands", "estimate", "every_parameter"]
 
@@ -41,13 +46,13 @@ def every_parameter(model: nn.Module, scored: dict[str, Tensor]) -> dict[str, Te
 
 def estimate(
     model: nn.Module,
-    loss_fn,
-    batches,
+    loss_fn: LossFn,
+    batches: Iterable[object],
     scored: dict[str, Tensor],
     *,
     hvp: str | None,
     fisher: bool,
-    fd_step,
+    fd_step: float | Literal["auto"],
     fd_tol: float,
     layout: kf_dist.Layout | None,
     fn: str,
@@ -73,11 +78,22 @@ def estimate(
     return result
 
 
-def _run(estimator, batches, hvp, fisher, fd_step, fd_tol, fn) -> Operands:
+def _run(
+    estimator: Estimator,
+    batches: Iterable[object],
+    hvp: str | None,
+    fisher: bool,
+    fd_step: float | Literal["auto"],
+    fd_tol: float,
+    fn: str,
+) -> Operands:
     estimator.check(hvp, fisher)
     grad, grad_sq, count, samples = estimator.mean_gradient(batches, fisher)
-    hg = step = error = None
+    hg: dict[str, Tensor] | None = None
+    step: float | None = None
+    error: float | None = None
     if hvp == "exact":
+        assert isinstance(estimator, Replicated)  # Sharded.check refused hvp='exact'
         hg = estimator.exact_hvp(batches, grad, samples)
     elif hvp == "finite_difference":
         hg, step, error = finite_difference(estimator, batches, grad, samples, fd_step, fd_tol, fn)

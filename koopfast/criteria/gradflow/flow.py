@@ -3,6 +3,7 @@ masks of any measure computed from them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,13 +38,13 @@ class GradientFlowScores(ScoreMap):
 
     def __init__(
         self,
-        scores=(),
+        scores: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]] = (),
         *,
         criterion: str = "",
         granularity: str = "unstructured",
         variant: str = "abs",
         source: str = "weights",
-    ):
+    ) -> None:
         super().__init__(scores, criterion=criterion)
         self.measure = criterion
         self.granularity = granularity
@@ -95,7 +96,7 @@ class GradientFlow:
             _check_init(init, self.params, fn)
         elif init is not None:
             raise ValueError(f"{fn}: init= is used by variant 'init' only")
-        out = {}
+        out: dict[str, Tensor] = {}
         with torch.no_grad():
             for name, theta in self.params.items():
                 units = self.units.get(name, ALONG_DIM_0 if theta.dim() else None)
@@ -106,55 +107,82 @@ class GradientFlow:
                     out[name] = self._score(chosen, granularity, name, theta, units, theta0)
                     continue
                 # Shard(0): each process scores its rows (whole units), returned as a DTensor
-                if granularity == "filter" and units.dim != 0:
-                    raise ValueError(
-                        f"{fn}: per-unit scores of {name!r} need its units along dim 0 to score sharded (Shard(0)) "
-                        f"rows locally, but its units are along dim {units.dim}"
-                    )
+                if granularity == "filter":
+                    assert units is not None  # filters are scored only where there are units
+                    if units.dim != 0:
+                        raise ValueError(
+                            f"{fn}: per-unit scores of {name!r} need its units along dim 0 to score sharded "
+                            f"(Shard(0)) rows locally, but its units are along dim {units.dim}"
+                        )
                 b = self._operand(chosen, name)
                 local = _scored(
                     chosen,
                     granularity,
-                    theta.to_local(),
-                    None if b is None else b.to_local(),
+                    kf_dist.local(theta),
+                    None if b is None else kf_dist.local(b),
                     units,
                     None if theta0 is None else kf_dist.local(theta0),
                 )
                 shape = theta.shape if granularity == "unstructured" else theta.shape[:1]
-                out[name] = kf_dist.resolve([theta], None, fn).wrap(local, theta, shape)
+                layout = kf_dist.resolve([theta], None, fn)
+                assert layout is not None  # a DTensor always has a layout
+                out[name] = layout.wrap(local, theta, shape)
         source = "bn" if self.bn_scales else "weights"
         return GradientFlowScores(
             out, criterion=chosen.name, granularity=granularity, variant=chosen.variant, source=source
         )
 
-    def masks(self, measure: str, sparsity: float, *, scope: Literal["global", "layerwise"] = "global"):
+    def masks(
+        self, measure: str, sparsity: float, *, scope: Literal["global", "layerwise"] = "global"
+    ) -> dict[str, Tensor]:
         """Unstructured masks of a measure, with the score computed inside the selection kernel from
         (θ, g), (θ, Hg) or (θ, E[g²]): nothing N-sized is materialised but the masks."""
         fn = f"koopfast.criteria.GradientFlow.masks({measure!r})"
         chosen = self._measure(measure, "abs", "unstructured", fn)
         if self.bn_scales:
             raise ValueError(f"{fn}: BatchNorm-scale operands (source='bn') score filters, not weights")
+        operands: dict[str, Tensor | tuple[Tensor, Tensor]]
         if chosen.operand is None:
             operands = {n: p.detach() for n, p in self.params.items()}
         else:
-            operands = {n: (p.detach(), self._operand(chosen, n)) for n, p in self.params.items()}
+            operands = {n: (p.detach(), self._required_operand(chosen, n)) for n, p in self.params.items()}
         if scope == "global":
-            return kf_masks.global_topk(operands, sparsity, by=chosen.fused)
+            masks = kf_masks.global_topk(operands, sparsity, by=chosen.fused)
+            assert isinstance(masks, dict)  # dict scores: dict masks
+            return masks
         if scope == "layerwise":
-            return kf_masks.layerwise_topk(operands, sparsity, by=chosen.fused)
+            masks = kf_masks.layerwise_topk(operands, sparsity, by=chosen.fused)
+            assert isinstance(masks, dict)  # dict scores: dict masks
+            return masks
         raise ValueError(f"{fn}: expected scope 'global' or 'layerwise', got {scope!r}")
 
-    def _score(self, chosen, granularity, name, theta, units, theta0) -> Tensor:
+    def _score(
+        self,
+        chosen: GradientMeasure,
+        granularity: str,
+        name: str,
+        theta: Tensor,
+        units: Units | None,
+        theta0: Tensor | None,
+    ) -> Tensor:
         score = _scored(chosen, granularity, theta, self._operand(chosen, name), units, theta0)
         if isinstance(chosen, Nvidia):  # + the shift's Fisher, channel by channel
             shift = self.shifts
+            assert shift is not None and shift.grad_sq is not None  # _measure checked them
             score = score + _scored(chosen, granularity, shift.params[name], shift.grad_sq[name], units, None)
         return score
 
     def _operand(self, chosen: GradientMeasure, name: str) -> Tensor | None:
         if chosen.operand is None:
             return None
-        return {"grad": self.grad, "hg": self.hg, "grad_sq": self.grad_sq}[chosen.operand][name]
+        return self._required_operand(chosen, name)
+
+    def _required_operand(self, chosen: GradientMeasure, name: str) -> Tensor:
+        """``chosen``'s operand of ``name``, for a measure that has one."""
+        assert chosen.operand is not None  # measures without an operand score θ alone
+        operands = {"grad": self.grad, "hg": self.hg, "grad_sq": self.grad_sq}[chosen.operand]
+        assert operands is not None  # _measure checked that it was computed
+        return operands[name]
 
     def _measure(self, measure: str, variant: str, granularity: str, fn: str) -> GradientMeasure:
         chosen = measure_of(measure, variant, fn)
@@ -177,14 +205,22 @@ def _has_units(theta: Tensor, units: Units | None) -> bool:
     return units is not None and theta.dim() >= 2 and units.count(theta.shape) > 0
 
 
-def _scored(chosen: GradientMeasure, granularity: str, theta, b, units, theta0) -> Tensor:
+def _scored(
+    chosen: GradientMeasure,
+    granularity: str,
+    theta: Tensor,
+    b: Tensor | None,
+    units: Units | None,
+    theta0: Tensor | None,
+) -> Tensor:
     if granularity == "unstructured":
         return chosen.elementwise(theta, b, theta0)
+    assert units is not None  # per-unit scores only of tensors with units
     rows0 = None if theta0 is None else units.rows(theta0)
     return chosen.per_unit(units.rows(theta), None if b is None else units.rows(b), rows0)
 
 
-def _check_init(init, params: dict[str, Tensor], fn: str) -> None:
+def _check_init(init: dict[str, Tensor] | None, params: dict[str, Tensor], fn: str) -> None:
     if not isinstance(init, dict):
         raise ValueError(f"{fn}: variant 'init' needs init= a dict name -> the parameter at initialization")
     missing = [n for n in params if n not in init]

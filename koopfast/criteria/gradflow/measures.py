@@ -16,6 +16,8 @@ from typing import ClassVar, Literal
 
 from torch import Tensor
 
+from koopfast._types import ScoreBy
+
 __all__ = [
     "ALL_MEASURES",
     "BN_MEASURES",
@@ -40,7 +42,7 @@ class GradientMeasure:
 
     name: ClassVar[str]
     operand: ClassVar[Operand | None]
-    fused: ClassVar[str]  # by= of koopfast.masks.global_topk
+    fused: ClassVar[ScoreBy]  # by= of koopfast.masks.global_topk
     variants: ClassVar[tuple[str, ...]] = ("abs",)
     variant: str = "abs"
 
@@ -63,13 +65,14 @@ class Magnitude(GradientMeasure):
 
     name: ClassVar[str] = "magnitude"
     operand: ClassVar[Operand | None] = None
-    fused: ClassVar[str] = "abs"
+    fused: ClassVar[ScoreBy] = "abs"
 
-    def elementwise(self, theta, b, theta0=None):
+    def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
         return theta.abs()
 
-    def per_unit(self, rows, other, rows0=None):
-        return rows.norm(dim=1)
+    def per_unit(self, rows: Tensor, other: Tensor | None, rows0: Tensor | None = None) -> Tensor:
+        norms: Tensor = rows.norm(dim=1)  # Tensor.norm is typed Any in torch's stubs
+        return norms
 
 
 @dataclass(frozen=True)
@@ -78,13 +81,15 @@ class LossPreservation(GradientMeasure):
 
     name: ClassVar[str] = "loss_preservation"
     operand: ClassVar[Operand | None] = "grad"
-    fused: ClassVar[str] = "abs_product"
+    fused: ClassVar[ScoreBy] = "abs_product"
     variants: ClassVar[tuple[str, ...]] = ("abs", "tfo")
 
-    def elementwise(self, theta, b, theta0=None):
+    def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
+        assert b is not None  # this measure has an operand: its caller passes it
         return (theta * b).abs()
 
-    def per_unit(self, rows, other, rows0=None):
+    def per_unit(self, rows: Tensor, other: Tensor | None, rows0: Tensor | None = None) -> Tensor:
+        assert other is not None  # this measure has an operand: its caller passes it
         return (rows * other).sum(1).abs() if self.variant == "tfo" else (rows * other).abs().sum(1)
 
 
@@ -95,11 +100,13 @@ class BiasedLossPreservation(GradientMeasure):
 
     name: ClassVar[str] = "biased_loss_preservation"
     operand: ClassVar[Operand | None] = "grad"
-    fused: ClassVar[str] = "square_times_abs"
+    fused: ClassVar[ScoreBy] = "square_times_abs"
     variants: ClassVar[tuple[str, ...]] = ("abs", "init")
 
-    def elementwise(self, theta, b, theta0=None):
+    def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
+        assert b is not None  # this measure has an operand: its caller passes it
         if self.variant == "init":
+            assert theta0 is not None  # variant "init": GradientFlow.scores checked init=
             return (theta - theta0).abs() * (theta * b).abs()
         return theta * theta * b.abs()
 
@@ -110,12 +117,14 @@ class GradientNormPreservation(GradientMeasure):
 
     name: ClassVar[str] = "gradient_norm_preservation"
     operand: ClassVar[Operand | None] = "hg"
-    fused: ClassVar[str] = "abs_product"
+    fused: ClassVar[ScoreBy] = "abs_product"
 
-    def elementwise(self, theta, b, theta0=None):
+    def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
+        assert b is not None  # this measure has an operand: its caller passes it
         return (theta * b).abs()
 
-    def per_unit(self, rows, other, rows0=None):
+    def per_unit(self, rows: Tensor, other: Tensor | None, rows0: Tensor | None = None) -> Tensor:
+        assert other is not None  # this measure has an operand: its caller passes it
         return (rows * other).sum(1).abs()
 
 
@@ -125,9 +134,10 @@ class Grasp(GradientMeasure):
 
     name: ClassVar[str] = "grasp"
     operand: ClassVar[Operand | None] = "hg"
-    fused: ClassVar[str] = "product"
+    fused: ClassVar[ScoreBy] = "product"
 
-    def elementwise(self, theta, b, theta0=None):
+    def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
+        assert b is not None  # this measure has an operand: its caller passes it
         return theta * b
 
 
@@ -137,9 +147,10 @@ class Fisher(GradientMeasure):
 
     name: ClassVar[str] = "fisher"
     operand: ClassVar[Operand | None] = "grad_sq"
-    fused: ClassVar[str] = "square_times_abs"
+    fused: ClassVar[ScoreBy] = "square_times_abs"
 
-    def elementwise(self, theta, b, theta0=None):
+    def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
+        assert b is not None  # this measure has an operand: its caller passes it
         return theta * theta * b
 
 

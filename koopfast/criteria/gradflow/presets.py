@@ -53,6 +53,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +61,7 @@ from torch import Tensor, nn
 from koopfast.criteria.gradflow.api import cross_entropy, operands
 from koopfast.criteria.gradflow.flow import GradientFlow
 from koopfast.criteria.gradflow.measures import ALL_MEASURES
+from koopfast.prunable import ParamSource
 
 __all__ = ["PRESETS", "FlowAndPrune", "preset_named"]
 
@@ -88,7 +90,7 @@ class FlowAndPrune:
 
     name = "flowandprune"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         fn = "koopfast.criteria.FlowAndPrune"
         for field in ("temperature", "grasp_temperature", "grad_preserve_temperature"):
             value = getattr(self, field)
@@ -105,10 +107,18 @@ class FlowAndPrune:
         return self.grad_preserve_temperature if measure == "gradient_norm_preservation" else self.grasp_temperature
 
     def operands(
-        self, model: nn.Module, batches: Iterable, *, measure, params, source, process_group, fn
+        self,
+        model: nn.Module,
+        batches: Iterable[object],
+        *,
+        measure: str | None,
+        params: ParamSource | None,
+        source: Literal["weights", "bn"],
+        process_group: Any,
+        fn: str,
     ) -> GradientFlow:
         """The operands of ``measure`` as flowandprune computes them (see :func:`gradient_flow`)."""
-        if measure not in ALL_MEASURES:
+        if measure is None or measure not in ALL_MEASURES:
             raise ValueError(
                 f"{fn}: preset={self.name!r} needs measure= one of {ALL_MEASURES} (its operands depend on it), "
                 f"got {measure!r}"
@@ -119,7 +129,7 @@ class FlowAndPrune:
             batches = list(batches)
         first = list(_first_samples(batches, self.samples))
         needs_hg = measure in ("grasp", "gradient_norm_preservation")
-        common = dict(params=params, source=source, eval_mode=True, fd_step="auto", fd_tol=1.0, fn=fn)
+        common: dict[str, Any] = dict(params=params, source=source, eval_mode=True, fd_step="auto", fd_tol=1.0, fn=fn)
         if not needs_hg:
             flow = operands(
                 model,
@@ -151,7 +161,7 @@ class FlowAndPrune:
 PRESETS = {"flowandprune": FlowAndPrune()}
 
 
-def preset_named(preset, fn: str) -> FlowAndPrune:
+def preset_named(preset: object, fn: str) -> FlowAndPrune:
     if isinstance(preset, FlowAndPrune):
         return preset
     if isinstance(preset, str) and preset in PRESETS:
@@ -159,7 +169,7 @@ def preset_named(preset, fn: str) -> FlowAndPrune:
     raise ValueError(f"{fn}: expected preset None, one of {sorted(PRESETS)} or a FlowAndPrune, got {preset!r}")
 
 
-def _first_samples(batches: Iterable, samples: int) -> Iterator:
+def _first_samples(batches: Iterable[object], samples: int) -> Iterator[object]:
     """Whole batches until ``samples`` are reached (cal_grad: break once num_data >= num_stop)."""
     seen = 0
     for batch in batches:
@@ -169,20 +179,20 @@ def _first_samples(batches: Iterable, samples: int) -> Iterator:
         seen += int(_pair(batch, "batches")[0].shape[0])
 
 
-def _pair(batch, fn: str) -> tuple[Tensor, Tensor]:
+def _pair(batch: object, fn: str) -> tuple[Tensor, Tensor]:
     if not (isinstance(batch, (list, tuple)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch)):
         raise ValueError(f"{fn}: preset 'flowandprune' expects (inputs, targets) batches, got {type(batch).__name__}")
     return batch[0], batch[1]
 
 
-def _classes_in(batches: list, fn: str) -> int:
+def _classes_in(batches: list[object], fn: str) -> int:
     labels = [_pair(b, fn)[1] for b in batches]
     if not labels:
         raise ValueError(f"{fn}: expected at least one batch with samples, got none")
     return int(torch.cat([y.reshape(-1) for y in labels]).max()) + 1
 
 
-def _class_batches(batches: Iterable, classes: int, per_class: int, fn: str) -> list[tuple[Tensor, Tensor]]:
+def _class_batches(batches: Iterable[object], classes: int, per_class: int, fn: str) -> list[tuple[Tensor, Tensor]]:
     """The first ``per_class`` samples of each class, in data order, one batch per class in class
     order (flowandprune's grasp_data and cal_hg)."""
     if per_class < 1:
