@@ -32,14 +32,20 @@ def score_values(x: Tensor, y: Tensor | None, by: str, dtype: torch.dtype) -> Te
     elif by == "abs":
         s = x.abs()
     elif by == "product":
-        s = x * y
+        s = x * _second(y, by)
     elif by == "abs_product":
-        s = (x * y).abs()
+        s = (x * _second(y, by)).abs()
     elif by == "square_times_abs":
-        s = (x * x) * y.abs()
+        s = (x * x) * _second(y, by).abs()
     else:
         raise ValueError(f"unknown score {by!r}")
     return torch.where(s == 0, torch.zeros_like(s), s)
+
+
+def _second(y: Tensor | None, by: str) -> Tensor:
+    """The second operand of a two-operand score; callers pass one with every such score."""
+    assert y is not None, f"score {by!r} needs a second operand"
+    return y
 
 
 def bits_per_unit(shape: Sequence[int], dim: int) -> int:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import numbers
 import operator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, SupportsIndex
 
 import torch
 from torch import Tensor
@@ -335,7 +335,8 @@ def _gram_resolves(gram: Tensor) -> bool:
 def _factor_gram(rec: TrajectoryRecorder) -> Tensor:
     evals, evecs = torch.linalg.eigh(rec.gram)
     keep = evals > evals.max() * 1e-15
-    return evals[keep].sqrt()[:, None] * evecs[:, keep].T
+    factor: Tensor = evals[keep].sqrt()[:, None] * evecs[:, keep].T
+    return factor
 
 
 def _factor_qr(rec: TrajectoryRecorder) -> Tensor:
@@ -419,7 +420,8 @@ def _stacked_r(r: Tensor, layout: kd.Layout | None) -> Tensor:
     """R of the whole tall matrix from each process's R of its rows (TSQR's reduction)."""
     if layout is None or layout.world == 1:
         return r
-    return torch.linalg.qr(_gathered_r(r, layout), mode="r").R
+    stacked: Tensor = torch.linalg.qr(_gathered_r(r, layout), mode="r").R
+    return stacked
 
 
 def _gathered_r(r: Tensor, layout: kd.Layout) -> Tensor:
@@ -461,7 +463,8 @@ def _orthonormalizer(r: Tensor) -> Tensor:
     keep = sigma > _RANGE_RTOL * sigma[0] if sigma.numel() and sigma[0] > 0 else sigma > 0
     if not bool(keep.any()):
         raise ValueError(f"{_FN}.fit: {_ALL_ZERO}")
-    return vh[keep].T / sigma[keep]
+    p: Tensor = vh[keep].T / sigma[keep]
+    return p
 
 
 def _conjugate_partner(lam: Tensor, i: int) -> int | None:
@@ -482,7 +485,7 @@ def _mode_index(i: int, n: int) -> int:
     return i % n
 
 
-def _positive_int(value, name: str, minimum: int = 1) -> int:
+def _positive_int(value: SupportsIndex, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool):
         raise TypeError(f"{_FN}: expected {name} to be an int, got bool")
     try:

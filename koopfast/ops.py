@@ -9,7 +9,8 @@ compute output metadata only, so every op works under ``torch.compile(fullgraph=
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -46,7 +47,7 @@ STAT_GREATER, STAT_EQUAL, STAT_TIES_KEPT, STAT_NAN_TENSOR = range(NUM_SELECT_STA
 _INT64 = (-(2**63), 2**63 - 1)
 
 
-def _int64(op: str, arg: str, value) -> int:
+def _int64(op: str, arg: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"koopfast::{op}: expected {arg} to be an int, got {type(value).__name__}")
     if not _INT64[0] <= value <= _INT64[1]:
@@ -58,17 +59,27 @@ def _int64_list(op: str, arg: str, values: Sequence[int]) -> list[int]:
     return [_int64(op, f"{arg}[{i}]", v) for i, v in enumerate(values)]
 
 
+_Fake = TypeVar("_Fake", bound=Callable[..., Any])
+
+
+def _register_fake(op: str) -> Callable[[_Fake], _Fake]:
+    """``torch.library.register_fake(op)``, typed: torch leaves the decorator it returns unannotated,
+    which would make every fake kernel untyped. The registration itself is torch's, unchanged."""
+    decorator: Callable[[_Fake], _Fake] = torch.library.register_fake(op)
+    return decorator
+
+
 def _require(condition: bool, message: str) -> None:
     """ValueError, as the C++ checks raise (torch._check would raise RuntimeError)."""
     if not condition:
         raise ValueError(message)
 
 
-def _one_device(op: str, **tensors) -> None:
+def _one_device(op: str, **tensors: Tensor | list[Tensor] | tuple[Tensor, ...] | None) -> None:
     """ValueError when the tensors (lists of them, single ones or None) are on several devices."""
     first: tuple[torch.device, str] | None = None
     for arg, value in tensors.items():
-        items = value if isinstance(value, (list, tuple)) else [value]
+        items: Sequence[Tensor | None] = value if isinstance(value, (list, tuple)) else [value]
         for i, t in enumerate(items):
             if t is None:
                 continue
@@ -103,11 +114,14 @@ def select_threshold(a: Sequence[Tensor], b: Sequence[Tensor], score: ScoreBy, k
         the threshold, number equal to it, how many of those equal ones the top k keeps, and the
         index of the first tensor holding a NaN score (-1 if none; then the rest is undefined).
     """
-    return torch.ops.koopfast.select_threshold.default(list(a), list(b), score, _int64("select_threshold", "k", k))
+    result: tuple[Tensor, Tensor] = torch.ops.koopfast.select_threshold.default(
+        list(a), list(b), score, _int64("select_threshold", "k", k)
+    )
+    return result
 
 
-@torch.library.register_fake("koopfast::select_threshold")
-def _select_threshold_fake(a, b, score, k):
+@_register_fake("koopfast::select_threshold")
+def _select_threshold_fake(a: list[Tensor], b: list[Tensor], score: str, k: int) -> tuple[Tensor, Tensor]:
     _require(len(a) > 0, "koopfast::select_threshold: expected a to be a non-empty list of tensors")
     _one_device("select_threshold", a=a, b=b)
     threshold = a[0].new_empty((), dtype=compute_dtype(a))
@@ -124,11 +138,12 @@ def topk_mask(
     exceeds the threshold, plus for the first ``stats[2]`` scores equal to it in (tensor index,
     flat index) order: exactly k True in total, whatever the device or thread count.
     """
-    return torch.ops.koopfast.topk_mask.default(list(a), list(b), score, threshold, stats)
+    result: list[Tensor] = torch.ops.koopfast.topk_mask.default(list(a), list(b), score, threshold, stats)
+    return result
 
 
-@torch.library.register_fake("koopfast::topk_mask")
-def _topk_mask_fake(a, b, score, threshold, stats):
+@_register_fake("koopfast::topk_mask")
+def _topk_mask_fake(a: list[Tensor], b: list[Tensor], score: str, threshold: Tensor, stats: Tensor) -> list[Tensor]:
     _one_device("topk_mask", a=a, b=b, threshold=threshold, stats=stats)
     return [torch.empty_like(t, dtype=torch.bool, memory_format=torch.contiguous_format) for t in a]
 
@@ -151,11 +166,16 @@ def select_threshold_per_tensor(
         (then the rest of the row is undefined) or -1.
     """
     op = "select_threshold_per_tensor"
-    return torch.ops.koopfast.select_threshold_per_tensor.default(list(a), list(b), score, _int64_list(op, "k", k))
+    result: tuple[Tensor, Tensor] = torch.ops.koopfast.select_threshold_per_tensor.default(
+        list(a), list(b), score, _int64_list(op, "k", k)
+    )
+    return result
 
 
-@torch.library.register_fake("koopfast::select_threshold_per_tensor")
-def _select_threshold_per_tensor_fake(a, b, score, k):
+@_register_fake("koopfast::select_threshold_per_tensor")
+def _select_threshold_per_tensor_fake(
+    a: list[Tensor], b: list[Tensor], score: str, k: list[int]
+) -> tuple[Tensor, Tensor]:
     _require(len(a) > 0, "koopfast::select_threshold_per_tensor: expected a to be a non-empty list of tensors")
     _one_device("select_threshold_per_tensor", a=a, b=b)
     thresholds = a[0].new_empty((len(a),), dtype=compute_dtype(a))
@@ -170,11 +190,14 @@ def topk_mask_per_tensor(
     ``select_threshold_per_tensor(a, b, score, k)``'s outputs: ``mask[i]`` (``a[i]``'s shape,
     contiguous) is True where the score exceeds ``thresholds[i]``, plus for the first
     ``stats[i, 2]`` scores of ``a[i]`` equal to it in flat index order: exactly ``k[i]`` True."""
-    return torch.ops.koopfast.topk_mask_per_tensor.default(list(a), list(b), score, thresholds, stats)
+    result: list[Tensor] = torch.ops.koopfast.topk_mask_per_tensor.default(list(a), list(b), score, thresholds, stats)
+    return result
 
 
-@torch.library.register_fake("koopfast::topk_mask_per_tensor")
-def _topk_mask_per_tensor_fake(a, b, score, thresholds, stats):
+@_register_fake("koopfast::topk_mask_per_tensor")
+def _topk_mask_per_tensor_fake(
+    a: list[Tensor], b: list[Tensor], score: str, thresholds: Tensor, stats: Tensor
+) -> list[Tensor]:
     _one_device("topk_mask_per_tensor", a=a, b=b, thresholds=thresholds, stats=stats)
     return [torch.empty_like(t, dtype=torch.bool, memory_format=torch.contiguous_format) for t in a]
 
@@ -205,13 +228,16 @@ def trajectory_ingest(
         other rows are never touched).
     """
     op = "trajectory_ingest"
-    return torch.ops.koopfast.trajectory_ingest.default(
+    result: tuple[Tensor, Tensor] = torch.ops.koopfast.trajectory_ingest.default(
         list(params), snapshots, _int64(op, "slot", slot), _int64_list(op, "dot_slots", dot_slots), anchor
     )
+    return result
 
 
-@torch.library.register_fake("koopfast::trajectory_ingest")
-def _trajectory_ingest_fake(params, snapshots, slot, dot_slots, anchor):
+@_register_fake("koopfast::trajectory_ingest")
+def _trajectory_ingest_fake(
+    params: list[Tensor], snapshots: Tensor, slot: int, dot_slots: list[int], anchor: Tensor | None
+) -> tuple[Tensor, Tensor]:
     _one_device("trajectory_ingest", params=params, snapshots=snapshots, anchor=anchor)
     dots = snapshots.new_empty((len(dot_slots) + 2,), dtype=torch.float64)
     return dots, snapshots.new_empty((1,), dtype=torch.int64)
@@ -228,11 +254,12 @@ def trajectory_combine(snapshots: Tensor, coeffs: Tensor, anchor: Tensor | None,
     Returns:
         [m, N], accumulated in float64, real or complex like ``coeffs``, on the buffer's device.
     """
-    return torch.ops.koopfast.trajectory_combine.default(snapshots, coeffs, anchor, wide)
+    result: Tensor = torch.ops.koopfast.trajectory_combine.default(snapshots, coeffs, anchor, wide)
+    return result
 
 
-@torch.library.register_fake("koopfast::trajectory_combine")
-def _trajectory_combine_fake(snapshots, coeffs, anchor, wide=False):
+@_register_fake("koopfast::trajectory_combine")
+def _trajectory_combine_fake(snapshots: Tensor, coeffs: Tensor, anchor: Tensor | None, wide: bool = False) -> Tensor:
     _one_device("trajectory_combine", snapshots=snapshots, coeffs=coeffs, anchor=anchor)
     if coeffs.is_complex():
         dtype = torch.complex128 if wide else torch.complex64
@@ -252,11 +279,12 @@ def trajectory_dots(snapshots: Tensor, vectors: Tensor, anchor: Tensor | None) -
         float64 [capacity, m] = <snapshots[t], vectors[j]>, with one more row <anchor, vectors[j]>
         when an anchor is given, on the buffer's device.
     """
-    return torch.ops.koopfast.trajectory_dots.default(snapshots, vectors, anchor)
+    result: Tensor = torch.ops.koopfast.trajectory_dots.default(snapshots, vectors, anchor)
+    return result
 
 
-@torch.library.register_fake("koopfast::trajectory_dots")
-def _trajectory_dots_fake(snapshots, vectors, anchor):
+@_register_fake("koopfast::trajectory_dots")
+def _trajectory_dots_fake(snapshots: Tensor, vectors: Tensor, anchor: Tensor | None) -> Tensor:
     _one_device("trajectory_dots", snapshots=snapshots, vectors=vectors, anchor=anchor)
     rows = snapshots.shape[0] + (1 if anchor is not None else 0)
     return snapshots.new_empty((rows, vectors.shape[0]), dtype=torch.float64)
@@ -281,11 +309,12 @@ def sign_codes(x: Tensor, dim: int) -> Tensor:
         ``x[o, u, i] > 0`` with ``j = o * inner + i`` (o over the dims before ``dim``, i over those
         after, row-major), stored in word ``j // 64`` at bit ``j % 64``; bits past the last are 0.
     """
-    return torch.ops.koopfast.sign_codes.default(x, _int64("sign_codes", "dim", dim))
+    result: Tensor = torch.ops.koopfast.sign_codes.default(x, _int64("sign_codes", "dim", dim))
+    return result
 
 
-@torch.library.register_fake("koopfast::sign_codes")
-def _sign_codes_fake(x, dim):
+@_register_fake("koopfast::sign_codes")
+def _sign_codes_fake(x: Tensor, dim: int) -> Tensor:
     _require(x.dim() >= 1, "koopfast::sign_codes: expected x to have at least one dimension")
     _require(-x.dim() <= dim < x.dim(), f"koopfast::sign_codes: expected dim in [{-x.dim()}, {x.dim()}), got {dim}")
     words = (bits_per_unit(x.shape, dim) + CODE_WORD_BITS - 1) // CODE_WORD_BITS
@@ -304,11 +333,12 @@ def hamming_distance(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
         One int64 tensor ``[units_i]`` per ``a[i]``, on a's device: popcount of ``a[i] ^ b[i]``
         summed over each row's words (all 64 bits of every word count).
     """
-    return torch.ops.koopfast.hamming_distance.default(list(a), list(b))
+    result: list[Tensor] = torch.ops.koopfast.hamming_distance.default(list(a), list(b))
+    return result
 
 
-@torch.library.register_fake("koopfast::hamming_distance")
-def _hamming_distance_fake(a, b):
+@_register_fake("koopfast::hamming_distance")
+def _hamming_distance_fake(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
     _require(len(a) > 0, "koopfast::hamming_distance: expected a to be a non-empty list of code tensors")
     _one_device("hamming_distance", a=a, b=b)
     return [t.new_empty((t.shape[0],), dtype=torch.int64) for t in a]
@@ -317,11 +347,12 @@ def _hamming_distance_fake(a, b):
 def pairwise_hamming(codes: Tensor) -> Tensor:
     """All-pairs Hamming distances between the units (rows) of one int64 code matrix
     ``[units, words]``: int64 ``[units, units]`` on its device, symmetric, zero diagonal."""
-    return torch.ops.koopfast.pairwise_hamming.default(codes)
+    result: Tensor = torch.ops.koopfast.pairwise_hamming.default(codes)
+    return result
 
 
-@torch.library.register_fake("koopfast::pairwise_hamming")
-def _pairwise_hamming_fake(codes):
+@_register_fake("koopfast::pairwise_hamming")
+def _pairwise_hamming_fake(codes: Tensor) -> Tensor:
     _require(codes.dim() == 2, f"koopfast::pairwise_hamming: expected 2-D codes [units, words], got {codes.dim()}-D")
     return codes.new_empty((codes.shape[0], codes.shape[0]), dtype=torch.int64)
 
@@ -334,11 +365,12 @@ def _pairwise_hamming_fake(codes):
 def pack_masks(masks: Sequence[Tensor]) -> list[Tensor]:
     """Bool masks (any shapes and strides, one device) -> packed masks: 1-D contiguous uint8
     tensors of ``ceil(mask.numel() / 8)`` bytes on the masks' device; bits past the end are 0."""
-    return torch.ops.koopfast.pack_masks.default(list(masks))
+    result: list[Tensor] = torch.ops.koopfast.pack_masks.default(list(masks))
+    return result
 
 
-@torch.library.register_fake("koopfast::pack_masks")
-def _pack_masks_fake(masks):
+@_register_fake("koopfast::pack_masks")
+def _pack_masks_fake(masks: list[Tensor]) -> list[Tensor]:
     _one_device("pack_masks", masks=masks)
     return [m.new_empty(((m.numel() + 7) // 8,), dtype=torch.uint8) for m in masks]
 
@@ -346,11 +378,14 @@ def _pack_masks_fake(masks):
 def unpack_masks(packed: Sequence[Tensor], numels: Sequence[int]) -> list[Tensor]:
     """Packed masks (1-D uint8 of ``ceil(numels[i] / 8)`` bytes, one device) -> 1-D contiguous
     bool masks of ``numels[i]`` elements on that device (reshape them to the tensors' shapes)."""
-    return torch.ops.koopfast.unpack_masks.default(list(packed), _int64_list("unpack_masks", "numels", numels))
+    result: list[Tensor] = torch.ops.koopfast.unpack_masks.default(
+        list(packed), _int64_list("unpack_masks", "numels", numels)
+    )
+    return result
 
 
-@torch.library.register_fake("koopfast::unpack_masks")
-def _unpack_masks_fake(packed, numels):
+@_register_fake("koopfast::unpack_masks")
+def _unpack_masks_fake(packed: list[Tensor], numels: list[int]) -> list[Tensor]:
     _one_device("unpack_masks", packed=packed)
     return [p.new_empty((n,), dtype=torch.bool) for p, n in zip(packed, numels)]
 
@@ -361,11 +396,12 @@ def count_masks(masks: Sequence[Tensor], numels: Sequence[int]) -> Tensor:
     ``masks[i]`` is bool with ``numels[i]`` elements (any shape and strides), or packed (1-D
     uint8 of ``ceil(numels[i] / 8)`` bytes; bits past ``numels[i]`` are ignored).
     """
-    return torch.ops.koopfast.count_masks.default(list(masks), _int64_list("count_masks", "numels", numels))
+    result: Tensor = torch.ops.koopfast.count_masks.default(list(masks), _int64_list("count_masks", "numels", numels))
+    return result
 
 
-@torch.library.register_fake("koopfast::count_masks")
-def _count_masks_fake(masks, numels):
+@_register_fake("koopfast::count_masks")
+def _count_masks_fake(masks: list[Tensor], numels: list[int]) -> Tensor:
     _one_device("count_masks", masks=masks)
     if not masks:
         return torch.empty((0,), dtype=torch.int64)
@@ -390,7 +426,7 @@ def apply_masks(targets: Sequence[Tensor], masks: Sequence[Tensor], mask_index: 
     torch.ops.koopfast.apply_masks.default(list(targets), list(masks), index)
 
 
-@torch.library.register_fake("koopfast::apply_masks")
-def _apply_masks_fake(targets, masks, mask_index):
+@_register_fake("koopfast::apply_masks")
+def _apply_masks_fake(targets: list[Tensor], masks: list[Tensor], mask_index: list[int]) -> None:
     _one_device("apply_masks", targets=targets, masks=masks)
     return None

@@ -182,7 +182,9 @@ def units_of(module: nn.Module, attr: str) -> Units | None:
         is_layer = isinstance(module, (*_LINEAR_LIKE, _CONV)) or is_hf_conv1d(module)
         return ALONG_DIM_0 if is_layer and t.dim() == 1 else None
     if isinstance(module, CONV_TRANSPOSE):
-        return Units(1, module.groups)
+        groups = module.groups
+        assert isinstance(groups, int)  # typed Tensor | Module (nn.Module.__getattr__); convs hold an int
+        return Units(1, groups)
     if isinstance(module, (*_LINEAR_LIKE, _CONV)):
         return ALONG_DIM_0
     if is_hf_conv1d(module):

@@ -44,7 +44,8 @@ Documented differences from torch.nn.utils.prune (docs/robustness.md has them as
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, SupportsIndex
 
 import torch
 from torch import Tensor, nn
@@ -89,7 +90,7 @@ __all__ = [
 ]
 
 
-def _nparams_to_prune(amount, n: int, fn: str) -> int:
+def _nparams_to_prune(amount: float, n: int, fn: str) -> int:
     """torch's rule: an int amount is a count (at most n), a float a fraction rounded."""
     if isinstance(amount, numbers.Integral):
         if amount > n:
@@ -118,7 +119,9 @@ class _PicklesAsTorch:
     the tensor name) is the same, and the mask is already computed, so a model pruned with
     koopfast.prune loads where koopfast is not installed."""
 
-    def __reduce_ex__(self, protocol):  # _torch_args: each subclass's torch constructor arguments
+    _torch_args: Callable[[], tuple[object, ...]]  # each subclass's torch constructor arguments
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, tuple[object, ...], dict[str, Any]]:
         torch_class = getattr(_torch_prune, type(self).__name__)
         return (torch_class, self._torch_args(), dict(self.__dict__))
 
@@ -130,7 +133,7 @@ class L1Unstructured(_PicklesAsTorch, _torch_prune.L1Unstructured):
     on its own (``compute_mask``, ``prune``) as torch's is; pickles as torch's class.
     """
 
-    def _torch_args(self) -> tuple:
+    def _torch_args(self) -> tuple[object, ...]:
         return (self.amount,)
 
     def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
@@ -152,7 +155,7 @@ class LnStructured(_PicklesAsTorch, _torch_prune.LnStructured):
     Keeps the channels (along ``dim``) of largest L``n`` norm; among ties, the lowest indices.
     """
 
-    def _torch_args(self) -> tuple:
+    def _torch_args(self) -> tuple[object, ...]:
         return (self.amount, self.n, self.dim)
 
     def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
@@ -180,21 +183,26 @@ class LnStructured(_PicklesAsTorch, _torch_prune.LnStructured):
         return mask
 
 
-def l1_unstructured(module: nn.Module, name: str, amount, importance_scores: Tensor | None = None) -> nn.Module:
+def l1_unstructured(module: nn.Module, name: str, amount: float, importance_scores: Tensor | None = None) -> nn.Module:
     """torch.nn.utils.prune.l1_unstructured, with the mask from koopfast's selection kernel."""
-    L1Unstructured.apply(module, name, amount=amount, importance_scores=importance_scores)
+    L1Unstructured.apply(module, name, amount=amount, importance_scores=importance_scores)  # type: ignore[no-untyped-call]  # torch leaves apply unannotated
     return module
 
 
 def ln_structured(
-    module: nn.Module, name: str, amount, n, dim: int, importance_scores: Tensor | None = None
+    module: nn.Module, name: str, amount: float, n: float | str, dim: int, importance_scores: Tensor | None = None
 ) -> nn.Module:
     """torch.nn.utils.prune.ln_structured, with the kept channels from koopfast's selection kernel."""
-    LnStructured.apply(module, name, amount, n, dim, importance_scores=importance_scores)
+    LnStructured.apply(module, name, amount, n, dim, importance_scores=importance_scores)  # type: ignore[no-untyped-call]  # torch leaves apply unannotated
     return module
 
 
-def global_unstructured(parameters, pruning_method, importance_scores=None, **kwargs) -> None:
+def global_unstructured(
+    parameters: Iterable[tuple[nn.Module, str]],
+    pruning_method: type[_torch_prune.BasePruningMethod],
+    importance_scores: dict[tuple[nn.Module, str], Tensor] | None = None,
+    **kwargs: Any,
+) -> None:
     """torch.nn.utils.prune.global_unstructured without a concatenated copy of the scores.
 
     Args:
@@ -226,7 +234,9 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
     if not parameters:
         raise ValueError(f"{fn}: expected at least one (module, name) pair, got none")
 
-    names, scores, defaults = [], [], []
+    names: list[str] = []
+    scores: list[Tensor] = []
+    defaults: list[Tensor | None] = []
     for i, pair in enumerate(parameters):
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], nn.Module)):
             raise TypeError(f"{fn}: expected parameters[{i}] to be a (module, name) pair, got {pair!r}")
@@ -251,14 +261,16 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
         n = sum(s.numel() if u is None else int(u.sum()) for s, u in zip(scores, unpruned))
         keep = n - _nparams_to_prune(method.amount, n, fn)
         masks = _keep_among_unpruned(scores, unpruned, defaults, names, keep, fn)
-        final = [m if d is None else d.masked_fill(u & ~m, 0) for m, d, u in zip(masks, defaults, unpruned)]
-    reparametrized = set()
+        final = [
+            m if d is None or u is None else d.masked_fill(u & ~m, 0) for m, d, u in zip(masks, defaults, unpruned)
+        ]
+    reparametrized: set[tuple[int, str]] = set()
     for (module, name), mask, default in zip(parameters, final, defaults):
         key = (id(module), name)
         if default is None and key not in reparametrized:
             _reparametrize(module, name, mask)
         else:  # pruned before (or listed twice, as torch allows): torch composes the masks
-            _torch_prune.custom_from_mask(module, name, mask=mask)
+            _torch_prune.custom_from_mask(module, name, mask=mask)  # type: ignore[no-untyped-call]  # unannotated in torch
         reparametrized.add(key)
 
 
@@ -280,7 +292,7 @@ def _reparametrize(module: nn.Module, name: str, mask: Tensor) -> None:
         buffer = torch.empty_like(orig, requires_grad=False).copy_(mask)
         method.mask = buffer
         module.register_buffer(name + "_mask", buffer)
-        setattr(module, name, method.apply_mask(module))
+        setattr(module, name, method.apply_mask(module))  # type: ignore[no-untyped-call]  # unannotated in torch
         module.register_forward_pre_hook(method)
     except Exception:
         if name + "_mask" in dict(module.named_buffers(recurse=False)):
@@ -314,7 +326,7 @@ def _keep_among_unpruned(
     for s, u, d in zip(scores, unpruned, defaults):
         if u is None:
             b = torch.ones((), dtype=s.dtype, device=s.device).expand(s.shape)
-        elif d.dtype == s.dtype and bool(((d == 0) | u).all()):
+        elif d is not None and d.dtype == s.dtype and bool(((d == 0) | u).all()):  # d is None only where u is
             b = d
         else:
             b = u.to(s.dtype)
@@ -325,7 +337,8 @@ def _keep_among_unpruned(
     threshold, stats = operands.select(keep)
     if float(threshold) > 0:
         return ops.topk_mask(operands.a, operands.b, "abs_product", threshold, stats)
-    masks, remaining = [], keep - int(stats[ops.STAT_GREATER])
+    masks: list[Tensor] = []
+    remaining = keep - int(stats[ops.STAT_GREATER])
     for s, b, u in zip(operands.a, operands.b, unpruned):
         score = (s * b).abs()
         m = (score > 0).contiguous()

@@ -117,7 +117,9 @@ def stored_values(params: Sequence[Tensor], storage: torch.dtype, anchor: Tensor
     return flat.to(torch.float32).to(storage)
 
 
-def trajectory_ingest(params, snapshots, slot, dot_slots, anchor):
+def trajectory_ingest(
+    params: Sequence[Tensor], snapshots: Tensor, slot: int, dot_slots: Sequence[int], anchor: Tensor | None
+) -> tuple[Tensor, Tensor]:
     stored = stored_values(params, snapshots.dtype, anchor)
     status = torch.full((1,), -1, dtype=torch.int64, device=snapshots.device)
     start = 0
@@ -135,7 +137,7 @@ def trajectory_ingest(params, snapshots, slot, dot_slots, anchor):
     return torch.stack(dots), status
 
 
-def trajectory_combine(snapshots, coeffs, anchor, wide=False):
+def trajectory_combine(snapshots: Tensor, coeffs: Tensor, anchor: Tensor | None, wide: bool = False) -> Tensor:
     full = snapshots.to(torch.float64)
     if anchor is not None:
         full = full + anchor.to(torch.float64)
@@ -145,7 +147,7 @@ def trajectory_combine(snapshots, coeffs, anchor, wide=False):
     return out.to(torch.float64 if wide else torch.float32)
 
 
-def trajectory_dots(snapshots, vectors, anchor):
+def trajectory_dots(snapshots: Tensor, vectors: Tensor, anchor: Tensor | None) -> Tensor:
     rows = snapshots.to(torch.float64)
     if anchor is not None:
         rows = torch.cat([rows, anchor.to(torch.float64)[None]])

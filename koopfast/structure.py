@@ -57,7 +57,7 @@ NORMALIZERS = (None, "mean", "max")
 
 def _torch_pruning(fn: str) -> Any:
     try:
-        import torch_pruning  # type: ignore[import-untyped]  # it ships no type information
+        import torch_pruning  # untyped: pyproject's mypy overrides ignore its missing type information
     except ImportError as exc:
         raise ImportError(
             f"{fn}: needs Torch-Pruning for the dependency graph: pip install torch-pruning (koopfast's optional "

@@ -92,8 +92,8 @@ class TrajectoryRecorder:
         device: torch.device | str | None = None,
         anchor: AnchorMode | Mapping[str, Tensor] = "auto",
         window: bool = False,
-        path: str | os.PathLike | None = None,
-        process_group=None,
+        path: str | os.PathLike[str] | None = None,
+        process_group: Any = None,
     ) -> None:
         self._params = named_tensors(model_or_named_params, fn=_FN)
         self._layout = kd.resolve(list(self._params.values()), process_group, _FN)
@@ -195,7 +195,7 @@ class TrajectoryRecorder:
                 )
         if bad >= 0:
             raise ValueError(f"{_FN}.record: {self._nonfinite_message(bad)}; nothing was recorded")
-        if anchor is not self._anchor:
+        if anchor is not None and anchor is not self._anchor:  # None only while self._anchor is None
             self._anchor, self._anchor_sq = anchor, self._global_sq_norm(anchor)
         idx = torch.tensor(kept, dtype=torch.long, device=self.device)
         self._row_dots[slot].zero_()
@@ -238,7 +238,7 @@ class TrajectoryRecorder:
             name: flat[off : off + n].view(shape)
             for name, off, n, shape in zip(self.names, self._offsets, self._numels, self.shapes)
         }
-        if self._like is not None:
+        if self._like is not None and self._layout is not None:  # _like is set only with a layout
             out = {name: self._layout.wrap(t, like) for (name, t), like in zip(out.items(), self._like)}
         return out
 
@@ -484,6 +484,7 @@ class TrajectoryRecorder:
         choice of tensors is not read again (a walk over every module, milliseconds per step for
         a transformer); a replaced parameter (``load_state_dict(assign=True)``, ``to_empty()``)
         makes the next record() read it."""
+        assert self._model is not None, "called only for a recorder built from a model"
         modules = dict(self._model.named_modules())
         for name, param in self._params.items():
             prefix, _, attr = name.rpartition(".")

@@ -18,9 +18,11 @@ Everything here goes through the DMD's public results (``kmd.result``, ``kmd.com
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
 from koopfast.dmd import DMD, DMDResult
 from koopfast.scores import ScoreMap
@@ -35,9 +37,15 @@ class KoopmanScores(ScoreMap):
     used ("modes"), their eigenvalues ("eigenvalues"), distances |λ − 1| ("distance"),
     residuals ("residuals") and the preset ("preset")."""
 
-    info: dict
+    info: dict[str, Any]
 
-    def __init__(self, scores=(), *, criterion: str = "", info: dict | None = None):
+    def __init__(
+        self,
+        scores: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]] = (),
+        *,
+        criterion: str = "",
+        info: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(scores, criterion=criterion)
         self.info = info or {}
 
@@ -105,7 +113,7 @@ def koopman_gradient(kmd: DMD) -> KoopmanScores:
     )
 
 
-def _info(fit: DMDResult, idx: list[int], preset: str) -> dict:
+def _info(fit: DMDResult, idx: list[int], preset: str) -> dict[str, Any]:
     lam = fit.eigenvalues[idx]
     return {
         "modes": idx,

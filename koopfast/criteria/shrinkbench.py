@@ -47,7 +47,7 @@ def shrinkbench_prunable(model: nn.Module) -> list[str]:
     weights and biases of ``nn.Linear``/``nn.Conv2d`` modules not flagged ``is_classifier``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"koopfast.criteria.shrinkbench_prunable: expected an nn.Module, got {type(model).__name__}")
-    names = []
+    names: list[str] = []
     for module_name, module in model.named_modules():
         if hasattr(module, "is_classifier"):
             prunable = not module.is_classifier
