@@ -52,7 +52,7 @@ def set_pruned_tensor_name(method: torch_prune.BasePruningMethod, name: str) -> 
     method._tensor_name = name
 
 
-def foreach_mul_(tensors: list[Tensor], other) -> None:
+def foreach_mul_(tensors: list[Tensor], other: float | Tensor | list[Tensor]) -> None:
     """``torch._foreach_mul_``: multiplies many tensors in place (one fused launch per device)."""
     torch._foreach_mul_(tensors, other)
 
