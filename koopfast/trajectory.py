@@ -277,18 +277,24 @@ class TrajectoryRecorder:
         idx = torch.tensor(self._order, dtype=torch.long, device=self.device)
         return {
             "version": _STATE_VERSION,
-            "names": list(self.names),
-            "shapes": [list(s) for s in self.shapes],
-            "capacity": self.capacity,
-            "dtype": str(self.dtype),
-            "window": self.window,
-            "anchor_mode": self._anchor_mode,
+            **self._configuration(),
             "anchor": self._anchor,
             "anchor_sq": self._anchor_sq,
             "snapshots": self._snapshots[idx],
             "row_dots": self._row_dots[idx][:, idx],
             "anchor_dots": self._anchor_dots[idx],
             "steps": self.steps,
+        }
+
+    def _configuration(self) -> dict[str, Any]:
+        """What a state must share with the recorder that loads it (as built, not as recorded)."""
+        return {
+            "names": list(self.names),
+            "shapes": [list(s) for s in self.shapes],
+            "capacity": self.capacity,
+            "dtype": str(self.dtype),
+            "window": self.window,
+            "anchor_mode": self._anchor_mode,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -307,15 +313,7 @@ class TrajectoryRecorder:
             raise ValueError(f"{fn}: expected a state from TrajectoryRecorder.state_dict(), missing {missing}")
         if state["version"] != _STATE_VERSION:
             raise ValueError(f"{fn}: expected a state of version {_STATE_VERSION}, got {state['version']!r}")
-        expected = {
-            "names": list(self.names),
-            "shapes": [list(s) for s in self.shapes],
-            "capacity": self.capacity,
-            "dtype": str(self.dtype),
-            "window": self.window,
-            "anchor_mode": self._anchor_mode,
-        }
-        for key, want in expected.items():
+        for key, want in self._configuration().items():
             if state[key] != want:
                 raise ValueError(f"{fn}: expected {key} {want!r} (as this recorder was built), got {state[key]!r}")
         snapshots = state["snapshots"]
