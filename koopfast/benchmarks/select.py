@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 import koopfast as kf
-from koopfast.benchmarks.harness import Row, fill_ratios, peak_extra_bytes, time_fn
+from koopfast.benchmarks.harness import Row, fill_ratios, measure
 
 BASELINE = "torch.kthvalue(cat)"
 STREAM = "stream read (sum)"
@@ -152,21 +152,12 @@ def run_layerwise(device: torch.device, *, repeat: int | None = None, sparsity: 
     n = sum(x.numel() for x in xs)
     rows = []
     for method, fn in fns.items():
-        t = time_fn(fn, device, repeat=repeat or 7)
-        peak = peak_extra_bytes(fn, device)
         rows.append(
-            Row(
-                family="select",
-                case=LAYERWISE_CASE,
-                method=method,
-                n=n,
-                device=device.type,
-                median_ms=t.median_s * 1e3,
-                min_ms=t.min_s * 1e3,
-                bytes_moved=n * xs[0].element_size(),
-                peak_extra_mb=None if peak is None else peak / 2**20,
+            measure(
+                fn, family="select", case=LAYERWISE_CASE, method=method, n=n, device=device,
+                bytes_moved=n * xs[0].element_size(), repeat=repeat or 7,
             )
-        )
+        )  # fmt: skip
     return fill_ratios(rows, GLOBAL, STREAM)
 
 
@@ -179,21 +170,12 @@ def run(device: torch.device, *, quick: bool = False, repeat: int | None = None,
         input_bytes = case.n * xs[0].element_size()
         for method, fn in fns.items():
             slow = method in (BASELINE, "torch.topk(cat)") and case.n >= 10**8
-            t = time_fn(fn, device, repeat=repeat or (3 if slow else 7))
-            peak = peak_extra_bytes(fn, device)
-            rows.append(
-                Row(
-                    family="select",
-                    case=case.name,
-                    method=method,
-                    n=case.n,
-                    device=device.type,
-                    median_ms=t.median_s * 1e3,
-                    min_ms=t.min_s * 1e3,
-                    bytes_moved=input_bytes,
-                    peak_extra_mb=None if peak is None else peak / 2**20,
-                    extra={"peak_extra_fraction_of_input": None if peak is None else peak / input_bytes},
-                )
-            )
+            row = measure(
+                fn, family="select", case=case.name, method=method, n=case.n, device=device,
+                bytes_moved=input_bytes, repeat=repeat or (3 if slow else 7),
+            )  # fmt: skip
+            peak = None if row.peak_extra_mb is None else row.peak_extra_mb * 2**20
+            row.extra = {"peak_extra_fraction_of_input": None if peak is None else peak / input_bytes}
+            rows.append(row)
         del xs, fns
     return fill_ratios(rows, BASELINE, STREAM) + run_layerwise(device, repeat=repeat)
