@@ -13,15 +13,21 @@ of the sum, not of the unit).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
+from torch._ops import OpOverload
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.hooks import RemovableHandle
 
 from koopfast._probe import eval_mode, forward_hooks, run_model
 from koopfast._torch_compat import BATCHNORM
 from koopfast.prunable import is_hf_conv1d
+
+_ForwardHook = Callable[[nn.Module, Any, object], None]
 
 SPLINE_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -34,7 +40,9 @@ def is_spline_layer(module: nn.Module) -> bool:
 
 def unit_major_weight(layer: nn.Module) -> Tensor:
     """The layer's weight with its output units first ([out, ...]: Conv1D's [in, out] transposed)."""
-    return layer.weight.t() if is_hf_conv1d(layer) else layer.weight
+    weight = layer.weight
+    assert isinstance(weight, Tensor), "a spline layer's weight is a tensor"
+    return weight.t() if is_hf_conv1d(layer) else weight
 
 
 BatchNorm = BATCHNORM
@@ -92,7 +100,10 @@ class SplineLayer:
     @property
     def code_name(self) -> str:
         """The module whose output is the pre-activation: the BatchNorm, or the layer itself."""
-        return self.bn_name if self.bn is not None else self.name
+        if self.bn is None:
+            return self.name
+        assert self.bn_name is not None, "a BatchNorm comes with its name"
+        return self.bn_name
 
     @property
     def code_module(self) -> nn.Module:
@@ -111,7 +122,7 @@ def _candidates(model: nn.Module, fn: str) -> tuple[dict[str, nn.Module], dict[s
 
 
 def _units_match(layer: nn.Module, bn: nn.Module) -> bool:
-    return bn.num_features == unit_major_weight(layer).shape[0]
+    return bool(bn.num_features == unit_major_weight(layer).shape[0])
 
 
 def _tensors_in(out: object) -> list[Tensor]:
@@ -128,17 +139,24 @@ def _same_data(a: Tensor, b: Tensor) -> bool:
     return a.numel() > 0 and a.data_ptr() == b.data_ptr() and a.numel() == b.numel()
 
 
-class _OpLog(TorchDispatchMode):
+# torch leaves TorchDispatchMode's __init_subclass__ and __init__ unannotated
+class _OpLog(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """The aten operations of a forward pass: (name, input storages, output storages). Every
     tensor is kept alive until the log is dropped, so no storage address is reused meanwhile."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
         self.ops: list[tuple[str, set[int], set[int], str | None]] = []
         self._alive: list[Tensor] = []
         self._modules: list[str] = []  # the leaf modules running now (their class names)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(
+        self,
+        func: OpOverload,
+        types: object,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         out = func(*args, **(kwargs or {}))
         ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         outs = [t for t in tree_leaves(out) if isinstance(t, Tensor)]
@@ -147,16 +165,16 @@ class _OpLog(TorchDispatchMode):
         self.ops.append((func.overloadpacket.__name__, _storages(ins), _storages(outs), where))
         return out
 
-    def watch(self, model: nn.Module) -> list:
+    def watch(self, model: nn.Module) -> list[RemovableHandle]:
         """Hooks that tell the log which leaf module each operation runs in."""
 
-        def enter(module, _inputs) -> None:
+        def enter(module: nn.Module, _inputs: object) -> None:
             self._modules.append(type(module).__name__)
 
-        def leave(*_) -> None:  # returns None: the module's output is left as it is
+        def leave(*_: object) -> None:  # returns None: the module's output is left as it is
             self._modules.pop()
 
-        handles = []
+        handles: list[RemovableHandle] = []
         for m in model.modules():
             if not list(m.children()):
                 handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
@@ -166,7 +184,7 @@ class _OpLog(TorchDispatchMode):
         """The operations that first use ``t``'s value (from op index ``after`` on), looking through
         views, copies and dropout; named ``op`` or ``op in Module`` when a module runs it."""
         frontier = _storages([t])
-        found = []
+        found: list[str] = []
         for name, ins, outs, where in self.ops[after:]:
             used = ins & frontier
             if not used:
@@ -201,15 +219,15 @@ def traced_spline_layers(model: nn.Module, batch: Tensor, *, fn: str) -> TracedL
     bn_io: dict[str, tuple[Tensor, Tensor, int]] = {}
     log = _OpLog()
 
-    def layer_hook(name: str):
-        def hook(_m, _inputs, output):
+    def layer_hook(name: str) -> _ForwardHook:
+        def hook(_m: nn.Module, _inputs: Any, output: object) -> None:
             if isinstance(output, Tensor):
                 outputs.setdefault(name, (output, len(log.ops)))
 
         return hook
 
-    def bn_hook(name: str):
-        def hook(_m, inputs, output):
+    def bn_hook(name: str) -> _ForwardHook:
+        def hook(_m: nn.Module, inputs: Any, output: object) -> None:
             if inputs and isinstance(inputs[0], Tensor) and isinstance(output, Tensor):
                 bn_io.setdefault(name, (inputs[0], output, len(log.ops)))
 

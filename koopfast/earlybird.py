@@ -32,7 +32,7 @@ import math
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Sequence
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +69,24 @@ def _float32(x: float) -> float:
     return float(torch.tensor(x, dtype=torch.float32))
 
 
-class EarlyBird(ABC):
+def _bn_scale(bn: nn.Module) -> Tensor:
+    """A BatchNorm's affine scale (the mask-distance detector takes only BatchNorms that have one)."""
+    weight = bn.weight
+    assert isinstance(weight, Tensor), "a BatchNorm with an affine scale"
+    return weight
+
+
+def _bn_channels(bn: nn.Module) -> int:
+    channels = bn.num_features
+    assert isinstance(channels, int), "a BatchNorm's num_features is an int"
+    return channels
+
+
+# What a detector keeps per measured epoch: region codes (spline) or a channel mask (mask distance).
+_State = TypeVar("_State")
+
+
+class EarlyBird(ABC, Generic[_State]):
     """Common state of the detectors: build them with :meth:`spline` or :meth:`mask_distance`.
 
     Attributes:
@@ -92,7 +109,7 @@ class EarlyBird(ABC):
         self.history: list[float | None] = []
         self.distances: list[list[float]] = []
         self.epoch: int | None = None
-        self._kept: deque = deque(maxlen=window)
+        self._kept: deque[_State] = deque(maxlen=window)
 
     @staticmethod
     def spline(
@@ -156,19 +173,19 @@ class EarlyBird(ABC):
         """Whether the largest distance to the kept epochs makes an early bird."""
 
     @abstractmethod
-    def _measure(self):
+    def _measure(self) -> _State:
         """The model's state now (codes or a mask), kept on its device."""
 
     @abstractmethod
-    def _distances(self, state, previous: list) -> list[float]:
+    def _distances(self, state: _State, previous: list[_State]) -> list[float]:
         """The distance of `state` to each of `previous`, oldest first."""
 
     @abstractmethod
-    def _state_bytes(self, state) -> int:
+    def _state_bytes(self, state: _State) -> int:
         """Memory held by one kept state."""
 
 
-class SplineEarlyBird(EarlyBird):
+class SplineEarlyBird(EarlyBird[dict[str, CodeSet]]):
     """Spline early-bird detection on region codes (use :meth:`EarlyBird.spline`).
 
     Args:
@@ -239,7 +256,7 @@ class SplineEarlyBird(EarlyBird):
                     f"{fn}: expected modules=None with preset='spline_eb' (it codes every BatchNorm1d/2d, "
                     f"as Spline-EB does), got {modules!r}"
                 )
-            targets = {n: m for n, m in named.items() if isinstance(m, _SPLINE_EB_BATCHNORMS)}
+            targets: dict[str, nn.Module] = {n: m for n, m in named.items() if isinstance(m, _SPLINE_EB_BATCHNORMS)}
             if not targets:
                 raise ValueError(
                     f"{fn}: expected a model with BatchNorm1d/BatchNorm2d layers for preset='spline_eb', "
@@ -321,7 +338,7 @@ def _spline_eb_average(counts: Tensor, sizes: Tensor, order: list[int]) -> list[
     return total.double().tolist()
 
 
-class MaskDistanceEarlyBird(EarlyBird):
+class MaskDistanceEarlyBird(EarlyBird[Tensor]):
     """Early-bird detection from BatchNorm channel masks (use :meth:`EarlyBird.mask_distance`).
 
     Args:
@@ -395,14 +412,14 @@ class MaskDistanceEarlyBird(EarlyBird):
         self.prune_ratio = float(prune_ratio)
         self.preset = preset
         self._bns = bns
-        self._channels = sum(m.num_features for m in bns.values())
+        self._channels = sum(_bn_channels(m) for m in bns.values())
         if preset == "early_bird_tickets":
             self.update()  # measurement 0: the weights before the first epoch's training
 
     def masks(self) -> dict[str, Tensor]:
         """The channel masks of the model now: ``dict[BatchNorm name -> bool Tensor[channels]]``,
         True = kept."""
-        scales = {n: m.weight.detach() for n, m in self._bns.items()}
+        scales = {n: _bn_scale(m).detach() for n, m in self._bns.items()}
         if self.preset == "early_bird_tickets":
             return _threshold_masks(scales, self.prune_ratio, fn=self._fn)
         return global_topk(scales, self.prune_ratio, by="abs")
@@ -454,5 +471,6 @@ def add_bn_l1_subgradient(model: nn.Module, strength: float = 1e-4, *, preset: M
         raise ValueError(f"{fn}: expected a finite strength, got {strength!r}")
     kinds = _EB_TICKETS_BATCHNORMS if preset == "early_bird_tickets" else BatchNorm
     for m in model.modules():
-        if isinstance(m, kinds) and m.weight is not None and m.weight.grad is not None:
-            m.weight.grad.add_(torch.sign(m.weight.detach()), alpha=strength)
+        weight = m.weight if isinstance(m, kinds) else None
+        if isinstance(weight, Tensor) and weight.grad is not None:  # a BatchNorm's scale is a tensor or None
+            weight.grad.add_(torch.sign(weight.detach()), alpha=strength)

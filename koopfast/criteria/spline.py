@@ -25,7 +25,7 @@ into its near-duplicate.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import numpy as np
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from koopfast import ops
-from koopfast._probe import Probe, check_probe, first_batch, model_device, record_codes
+from koopfast._probe import CodeSet, Probe, check_probe, first_batch, model_device, record_codes
 from koopfast._spline_layers import SplineLayer, registered_spline_layers, traced_spline_layers, unit_major_weight
 from koopfast.masks import keep_count, structured_topk
 from koopfast.prunable import is_hf_conv1d
@@ -71,27 +71,38 @@ def _fold(layer: nn.Module, bn: nn.Module | None, fn: str, what: str) -> tuple[T
     """Folded weight with the output units first ([out, ...]) and bias [out]."""
     w = unit_major_weight(layer).detach().double()
     units = w.shape[0]
-    b = layer.bias.detach().double() if getattr(layer, "bias", None) is not None else w.new_zeros(units)
+    bias = getattr(layer, "bias", None)
+    b = bias.detach().double() if isinstance(bias, Tensor) else w.new_zeros(units)
     if bn is not None:
         if bn.num_features != units:
             raise ValueError(
                 f"{fn}: expected {what} to have {units} features (the layer's units), got {bn.num_features}"
             )
-        if bn.running_mean is None or bn.running_var is None:
+        running_mean, running_var = _optional_tensor(bn, "running_mean"), _optional_tensor(bn, "running_var")
+        if running_mean is None or running_var is None:
             raise ValueError(
                 f"{fn}: expected {what} to track running statistics (its eval-mode output is then an affine map "
                 "of the layer's), got track_running_stats=False"
             )
-        scale = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.detach().double()
-        b = (b - bn.running_mean.detach().double()) * scale
-        if bn.bias is not None:
-            b = b + bn.bias.detach().double()
+        eps: float = bn.eps  # type: ignore[assignment]  # nn.Module.__getattr__ types every attribute as Tensor | Module
+        scale = torch.rsqrt(running_var.detach().double() + eps)
+        gamma, beta = _optional_tensor(bn, "weight"), _optional_tensor(bn, "bias")
+        if gamma is not None:
+            scale = scale * gamma.detach().double()
+        b = (b - running_mean.detach().double()) * scale
+        if beta is not None:
+            b = b + beta.detach().double()
         w = w * scale.view(-1, *([1] * (w.dim() - 1)))
     if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
         raise ValueError(f"{fn}: expected finite folded weights and biases, got NaN or Inf (from {what})")
     return w, b
+
+
+def _optional_tensor(module: nn.Module, name: str) -> Tensor | None:
+    """A tensor attribute that may be None (a BatchNorm without affine parameters or statistics)."""
+    value = getattr(module, name)
+    assert value is None or isinstance(value, Tensor), f"{name} is a tensor or None"
+    return value
 
 
 class SplineScores(ScoreMap):
@@ -121,7 +132,7 @@ class SplineScores(ScoreMap):
 
     def __init__(
         self,
-        scores: Mapping[str, Tensor] = (),
+        scores: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]] = (),
         *,
         measure: str = "angle",
         policy: str = "layerwise",
@@ -145,7 +156,7 @@ class SplineScores(ScoreMap):
         shift of the BatchNorm folded into it (in eval mode a BatchNorm would otherwise turn a
         zeroed unit into a constant, nonzero output)."""
         order = {name: r.to(torch.float64) for name, r in self.ranks.items()}  # removed later = kept
-        scope = "layerwise" if self.policy == "layerwise" else "global"
+        scope: Literal["global", "layerwise"] = "layerwise" if self.policy == "layerwise" else "global"
         masks = structured_topk(order, model, sparsity, scope=scope, warn_normalization=False)  # masked below
         named = dict(model.named_parameters())
         for name, bn in self.bn_names.items():
@@ -239,11 +250,13 @@ def spline_redundancy(
             code_set = codes[unit.code_name]
             (on,) = ops.hamming_distance([code_set.codes], [])
             on = on.cpu()
+            assert on_fraction is not None  # a dict exactly when there are codes
             on_fraction[key] = on.double() / code_set.bits
             flat[key] |= (on == 0) | (on == code_set.bits)
         if measure == "angle":
             distances[key] = _angle_distances(unit.layer, w, b)
         else:
+            assert codes is not None  # measure='hamming' requires a probe
             distances[key] = _hamming_distances(codes[unit.code_name])
     scores, ranks = _greedy_removal(distances, flat, joint=policy == "global")
     return SplineScores(
@@ -283,7 +296,7 @@ def _angle_distances(layer: nn.Module, w: Tensor, b: Tensor) -> Tensor:
     return dist
 
 
-def _hamming_distances(code_set) -> Tensor:
+def _hamming_distances(code_set: CodeSet) -> Tensor:
     d = ops.pairwise_hamming(code_set.codes).cpu().double()
     m = float(code_set.bits)
     dist = torch.minimum(d, m - d) / m
@@ -301,7 +314,8 @@ def _greedy_removal(
     layers; otherwise one per layer."""
     names = list(distances)
     if not joint:
-        scores, ranks = {}, {}
+        scores: dict[str, Tensor] = {}
+        ranks: dict[str, Tensor] = {}
         for name in names:
             s, r = _greedy_removal({name: distances[name]}, {name: flat[name]}, joint=True)
             scores |= s
@@ -319,9 +333,9 @@ def _greedy_removal(
     for li, name in enumerate(names):  # flat units first, in (layer, index) order
         d = distances[name].numpy().copy()
         is_flat = flat[name].numpy()
-        for k in np.flatnonzero(is_flat):
-            score[offsets[li] + k] = FLAT_SCORE
-            rank[offsets[li] + k] = step
+        for j in np.flatnonzero(is_flat):
+            score[offsets[li] + j] = FLAT_SCORE
+            rank[offsets[li] + j] = step
             step += 1
         d[is_flat, :] = np.inf
         d[:, is_flat] = np.inf

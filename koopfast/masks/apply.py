@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from koopfast import _distributed as kd
 from koopfast import ops
-from koopfast.masks.packed import PackedMask
+from koopfast.masks.packed import MaskLike, PackedMask
 from koopfast.prunable import resolve_names
 
 __all__ = ["apply_"]
 
+# What masks apply to, and the masks in the same structure (see :func:`match_masks`).
+Targets = nn.Module | Mapping[str, Tensor] | Sequence[Tensor] | Tensor
+Masks = Mapping[str, MaskLike] | Sequence[MaskLike] | MaskLike
+_T = TypeVar("_T", bound=Targets)
 
-def _mask_tensor(mask, target: Tensor, name: str, fn: str) -> Tensor:
+
+def _mask_tensor(mask: object, target: Tensor, name: str, fn: str) -> Tensor:
     """The tensor the kernel takes for one mask: a bool tensor, or the bytes of a packed one."""
     if isinstance(mask, PackedMask):
         if mask.shape != target.shape:
@@ -32,7 +38,7 @@ def _mask_tensor(mask, target: Tensor, name: str, fn: str) -> Tensor:
     return mask
 
 
-def match_masks(target, masks, fn: str) -> tuple[list[str], list[Tensor], list[Tensor]]:
+def match_masks(target: Targets, masks: Masks, fn: str) -> tuple[list[str], list[Tensor], list[Tensor]]:
     """(names, tensors, mask tensors) of the tensors of ``target`` that ``masks`` names.
 
     target: a model (masks keyed by parameter names, a subset of them; an alias of a tied parameter
@@ -56,7 +62,7 @@ def match_masks(target, masks, fn: str) -> tuple[list[str], list[Tensor], list[T
                 )
             names = [str(k) for k in masks]
         chosen = [tensors[k] for k in names]
-        given = list(masks.values())
+        given: list[object] = list(masks.values())
     elif isinstance(target, Tensor):
         names, chosen, given = ["tensor"], [target], [masks]
     elif isinstance(target, Sequence) and not isinstance(target, str):
@@ -109,7 +115,13 @@ def fused_apply(
                 raise rename(exc, fn, names) from None
 
 
-def _precheck(targets, target_names, masks, mask_index, fn) -> None:
+def _precheck(
+    targets: Sequence[Tensor],
+    target_names: Sequence[str],
+    masks: Sequence[Tensor],
+    mask_index: Sequence[int],
+    fn: str,
+) -> None:
     """What the op would reject, checked for every device group before any of them is written."""
     for t, name, j in zip(targets, target_names, mask_index):
         m = masks[j]
@@ -129,17 +141,18 @@ def rename(exc: Exception, fn: str, names: Mapping[str, Sequence[str]]) -> Excep
     """The op's error with list[i] references replaced by the caller's names."""
     msg = re.sub(r"^koopfast::\w+: ", "", str(exc).split("\n")[0])
 
-    def sub(m: re.Match) -> str:
+    def sub(m: re.Match[str]) -> str:
         arg, i = m.group(1), int(m.group(2))
         if i >= len(names[arg]):
-            return m.group(0)
+            whole: str = m.group(0)
+            return whole
         return repr(names[arg][i]) if arg != "masks" else f"the mask of {names[arg][i]!r}"
 
     pattern = r"\b(" + "|".join(map(re.escape, names)) + r")\[(\d+)\]"
     return type(exc)(f"{fn}: " + re.sub(pattern, sub, msg))
 
 
-def apply_(model_or_tensors, masks):
+def apply_(model_or_tensors: _T, masks: Masks) -> _T:
     """Zero the pruned entries of a model's parameters (or of given tensors) in place.
 
     One fused pass over all tensors (one kernel launch per device), under ``torch.no_grad()``.

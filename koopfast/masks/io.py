@@ -18,7 +18,7 @@ __all__ = ["FORMAT", "VERSION", "load", "save"]
 FORMAT = "koopfast.masks"
 VERSION = 2  # 2: a checksum over names, shapes and bits; files of version 1 (without one) still load
 
-PathLike = str | os.PathLike | IO[bytes]
+PathLike = str | os.PathLike[str] | IO[bytes]
 
 
 def _checksum(names: list[str], shapes: list[list[int]], bits: list[Tensor]) -> str:

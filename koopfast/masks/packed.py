@@ -8,8 +8,9 @@ read without koopfast.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar, overload
 
 import torch
 from torch import Tensor
@@ -26,7 +27,7 @@ class PackedMask:
     bits: Tensor
     shape: torch.Size
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "shape", torch.Size(self.shape))
         if not isinstance(self.bits, Tensor) or self.bits.dtype != torch.uint8 or self.bits.dim() != 1:
             got = (
@@ -43,7 +44,8 @@ class PackedMask:
 
     @classmethod
     def from_bool(cls, mask: Tensor) -> PackedMask:
-        return pack(mask)
+        packed: PackedMask = pack(mask)
+        return packed
 
     @property
     def numel(self) -> int:
@@ -75,7 +77,7 @@ class PackedMask:
 MaskLike = Tensor | PackedMask
 
 
-def _structure(masks, fn: str) -> tuple[list, list, str]:
+def _structure(masks: object, fn: str) -> tuple[list[Any], list[Any], str]:
     """(keys, values, kind) of a dict, a list or a single mask."""
     if isinstance(masks, (Tensor, PackedMask)):
         return [None], [masks], "single"
@@ -86,7 +88,10 @@ def _structure(masks, fn: str) -> tuple[list, list, str]:
     raise TypeError(f"{fn}: expected masks as a dict, a list or a single mask, got {type(masks).__name__}")
 
 
-def _rebuild(keys: list, values: list, kind: str):
+_V = TypeVar("_V")
+
+
+def _rebuild(keys: list[Any], values: list[_V], kind: str) -> _V | dict[Any, _V] | list[_V]:
     if kind == "single":
         return values[0]
     return dict(zip(keys, values)) if kind == "dict" else values
@@ -99,15 +104,26 @@ def _by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[int]]:
     return groups
 
 
-def pack(masks):
+_K = TypeVar("_K", bound=Hashable)
+
+
+@overload
+def pack(masks: MaskLike) -> PackedMask: ...
+@overload
+def pack(masks: Mapping[_K, MaskLike]) -> dict[_K, PackedMask]: ...
+@overload
+def pack(masks: Sequence[MaskLike]) -> list[PackedMask]: ...
+def pack(
+    masks: MaskLike | Mapping[Any, MaskLike] | Sequence[MaskLike],
+) -> PackedMask | dict[Any, PackedMask] | list[PackedMask]:
     """Bool masks -> :class:`PackedMask` es, in the same structure (dict, list or single mask).
 
     One kernel launch per device for all masks; packed masks given are passed through.
     """
     fn = "koopfast.masks.pack"
     keys, values, kind = _structure(masks, fn)
-    out: list = list(values)
-    todo = []
+    out: list[Any] = list(values)
+    todo: list[int] = []
     for i, (k, v) in enumerate(zip(keys, values)):
         if isinstance(v, PackedMask):
             continue
@@ -121,17 +137,27 @@ def pack(masks):
         packed = ops.pack_masks([bools[i] for i in idx])
         for i, bits in zip(idx, packed):
             out[todo[i]] = PackedMask(bits, bools[i].shape)
-    return _rebuild(keys, out, kind)
+    done: list[PackedMask] = out  # every entry is packed by now
+    return _rebuild(keys, done, kind)
 
 
-def unpack(masks):
+@overload
+def unpack(masks: MaskLike) -> Tensor: ...
+@overload
+def unpack(masks: Mapping[_K, MaskLike]) -> dict[_K, Tensor]: ...
+@overload
+def unpack(masks: Sequence[MaskLike]) -> list[Tensor]: ...
+def unpack(
+    masks: MaskLike | Mapping[Any, MaskLike] | Sequence[MaskLike],
+) -> Tensor | dict[Any, Tensor] | list[Tensor]:
     """:class:`PackedMask` es -> bool masks, in the same structure; bool masks are passed through."""
     keys, values, kind = _structure(masks, "koopfast.masks.unpack")
-    out: list = list(values)
+    out: list[Any] = list(values)
     todo = [i for i, v in enumerate(values) if isinstance(v, PackedMask)]
     packed = [values[i] for i in todo]
     for idx in _by_device([p.bits for p in packed]).values():
         bools = ops.unpack_masks([packed[i].bits for i in idx], [packed[i].numel for i in idx])
         for i, b in zip(idx, bools):
             out[todo[i]] = b.view(packed[i].shape)
-    return _rebuild(keys, out, kind)
+    done: list[Tensor] = out  # every entry is a bool tensor by now
+    return _rebuild(keys, done, kind)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from koopfast import ops
-from koopfast.masks.packed import PackedMask
+from koopfast.masks.packed import MaskLike, PackedMask
 from koopfast.masks.training import Masked
 from koopfast.prunable import prunable
 
@@ -93,8 +93,11 @@ class SparsityReport:
         return self.table()
 
 
-def _from_masks(masks: Mapping, fn: str) -> SparsityReport:
-    names, tensors, numels, shapes = [], [], [], []
+def _from_masks(masks: Mapping[str, MaskLike], fn: str) -> SparsityReport:
+    names: list[str] = []
+    tensors: list[Tensor] = []
+    numels: list[int] = []
+    shapes: list[tuple[int, ...]] = []
     for name, m in masks.items():
         if isinstance(m, PackedMask):
             tensors.append(m.bits)
@@ -123,8 +126,9 @@ def _from_model(model: nn.Module) -> SparsityReport:
     """The model's prunable tensors (:mod:`koopfast.prunable`): kept = entries of the
     torch.nn.utils.prune mask (``<name>_mask``) that are nonzero if the layer has one, else nonzero
     entries of the tensor. A tied tensor is one row, under its canonical name."""
-    rows = []
+    rows: list[LayerSparsity] = []
     for entry in prunable(model).values():
+        assert entry.module_name is not None and entry.attr is not None, "a model's entries name their module"
         module = model.get_submodule(entry.module_name)
         mask = getattr(module, f"{entry.attr}_mask", None)
         if isinstance(mask, Tensor):  # torch.nn.utils.prune: named as the attribute the mask computes
@@ -135,7 +139,7 @@ def _from_model(model: nn.Module) -> SparsityReport:
     return SparsityReport(tuple(rows))
 
 
-def report(source) -> SparsityReport:
+def report(source: Mapping[str, MaskLike] | Masked | nn.Module) -> SparsityReport:
     """Per-tensor and total sparsity of masks, of a :class:`~koopfast.masks.Masked` model, or of a model.
 
     Args:

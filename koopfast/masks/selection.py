@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor
@@ -52,6 +53,10 @@ def resolve_keep(n: int, sparsity: float | None, keep: int | None, fn: str = "ko
     return keep
 
 
+def _is_score_by(by: object) -> TypeGuard[ScoreBy]:
+    return by in UNARY_SCORES + BINARY_SCORES
+
+
 class Selection:
     """Scores as the selection kernels take them: lists ``a`` (and ``b`` for two-operand scores).
 
@@ -72,11 +77,11 @@ class Selection:
         TypeError: containers or operands of the wrong type.
     """
 
-    def __init__(self, scores: Scores, by: ScoreBy | str, fn: str, *, names: Sequence[str] | None = None):
-        if by not in UNARY_SCORES + BINARY_SCORES:
+    def __init__(self, scores: Scores, by: ScoreBy | str, fn: str, *, names: Sequence[str] | None = None) -> None:
+        if not _is_score_by(by):
             raise ValueError(f"{fn}: expected by to be one of {UNARY_SCORES + BINARY_SCORES}, got {by!r}")
         if isinstance(scores, Mapping):
-            self.keys: list = list(scores.keys())
+            self.keys: list[Any] = list(scores.keys())
             self.names = [str(k) for k in self.keys]
             values = list(scores.values())
         elif isinstance(scores, Sequence) and not isinstance(scores, (str, Tensor)):
@@ -94,7 +99,8 @@ class Selection:
                 raise ValueError(f"{fn}: expected {len(values)} names, one per score tensor, got {len(names)}")
             self.names = [str(n) for n in names]
         self.is_mapping = isinstance(scores, Mapping)
-        self.fn, self.by = fn, by
+        self.fn = fn
+        self.by: ScoreBy = by
         binary = by in BINARY_SCORES
         self.a: list[Tensor] = []
         self.b: list[Tensor] = []
@@ -125,10 +131,11 @@ class Selection:
     def rename(self, exc: Exception) -> Exception:
         """The op's error with a[i] / b[i] replaced by the caller's names."""
 
-        def name(m: re.Match) -> str:
+        def name(m: re.Match[str]) -> str:
             i = int(m.group(2))
             suffix = "" if m.group(1) == "a" else " (second operand)"
-            return f"{self.names[i]!r}{suffix}" if i < len(self.names) else m.group(0)
+            whole: str = m.group(0)
+            return f"{self.names[i]!r}{suffix}" if i < len(self.names) else whole
 
         msg = re.sub(r"^koopfast::\w+: ", "", str(exc).split("\n")[0])
         return type(exc)(f"{self.fn}: " + re.sub(r"\b([ab])\[(\d+)\]", name, msg))
@@ -156,14 +163,14 @@ class Selection:
         """The i-th tensor (pair) alone."""
         return Selection([(self.a[i], self.b[i])] if self.b else [self.a[i]], self.by, self.fn, names=[self.names[i]])
 
-    def pack(self, masks: list[Tensor]):
+    def pack(self, masks: list[Tensor]) -> dict[Any, Tensor] | list[Tensor]:
         """Masks (one per tensor, in order) in the structure of the scores: a dict or a list."""
         return dict(zip(self.keys, masks)) if self.is_mapping else masks
 
     def check_distinct(self) -> None:
         """ValueError when one tensor is listed twice (a tied parameter under two names would
         count twice in a budget)."""
-        seen: dict[tuple, str] = {}
+        seen: dict[tuple[object, ...], str] = {}
         for t, name in zip(self.a, self.names):
             if type(t) not in (Tensor, torch.nn.Parameter) or t.is_meta or t.numel() == 0:
                 continue  # DTensors, meta and empty tensors hold no storage of their own to compare

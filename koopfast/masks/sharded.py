@@ -16,12 +16,15 @@ all-gather of one int per local tensor: independent of N.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
 from koopfast import _distributed as kd
 from koopfast import ops
 from koopfast._op_rules import score_values
+from koopfast._types import ScoreBy
 
 __all__ = ["sharded_topk"]
 
@@ -31,7 +34,7 @@ _CHUNK = 1 << 24
 
 
 def sharded_topk(
-    a: list[Tensor], b: list[Tensor], by: str, k: int, layout: kd.Layout, names: list[str], fn: str
+    a: list[Tensor], b: list[Tensor], by: ScoreBy, k: int, layout: kd.Layout, names: list[str], fn: str
 ) -> list[Tensor]:
     """Masks of this process's tensors (``a``, ``b``: local pieces) keeping the k largest scores over
     every process's tensors, ties by single-process order (see the module docstring)."""
@@ -43,7 +46,7 @@ def sharded_topk(
 
     prefix, remaining, greater = None, k, 0
     for shift in range(bits - _DIGIT_BITS, -1, -_DIGIT_BITS):
-        hist = _Histogram(a[0].device if a else device)
+        counter = _Histogram(a[0].device if a else device)
         nan_at = -1
         for i, (x, y) in enumerate(_pairs(a, b)):
             for xc, yc in _chunks(x, y):
@@ -54,8 +57,8 @@ def sharded_topk(
                 if prefix is not None:
                     keys = keys[(keys >> (shift + _DIGIT_BITS)) == prefix]
                 digits = keys >> shift
-                hist.add(digits + (_BINS // 2) if prefix is None else digits & (_BINS - 1))
-        hist = hist.counts()
+                counter.add(digits + (_BINS // 2) if prefix is None else digits & (_BINS - 1))
+        hist = counter.counts()
         if prefix is None:
             _raise_on_nan(nan_at, layout, names, fn)
             if k == 0:
@@ -69,6 +72,7 @@ def sharded_topk(
         value = digit - _BINS // 2 if prefix is None else digit
         prefix = value if prefix is None else (prefix << _DIGIT_BITS) + value
 
+    assert prefix is not None, "the loop runs at least two levels"
     threshold = _from_key(prefix, cd)
     local_ties = [_count_equal(x, y, by, cd, threshold) for x, y in _pairs(a, b)]
     ties_by_rank = kd.all_gather_ints(local_ties, layout)
@@ -112,18 +116,18 @@ class _Histogram:
         return self.total
 
 
-def _pairs(a: list[Tensor], b: list[Tensor]):
+def _pairs(a: list[Tensor], b: list[Tensor]) -> Iterator[tuple[Tensor, Tensor | None]]:
     return zip(a, b) if b else ((x, None) for x in a)
 
 
-def _chunks(x: Tensor, y: Tensor | None):
+def _chunks(x: Tensor, y: Tensor | None) -> Iterator[tuple[Tensor, Tensor | None]]:
     x = x.reshape(-1)
     y = None if y is None else y.reshape(-1)
     for n0 in range(0, x.numel(), _CHUNK):
         yield x[n0 : n0 + _CHUNK], None if y is None else y[n0 : n0 + _CHUNK]
 
 
-def _scores(x: Tensor, y: Tensor | None, by: str, cd: torch.dtype) -> Tensor:
+def _scores(x: Tensor, y: Tensor | None, by: ScoreBy, cd: torch.dtype) -> Tensor:
     """The scores exactly as the kernels compute them."""
     return score_values(x, y, by, cd)
 
@@ -153,5 +157,5 @@ def _raise_on_nan(nan_at: int, layout: kd.Layout, names: list[str], fn: str) -> 
             raise ValueError(f"{fn}: expected scores without NaN, got NaN in {where} (rank {r})")
 
 
-def _count_equal(x, y, by, cd, threshold: float) -> int:
+def _count_equal(x: Tensor, y: Tensor | None, by: ScoreBy, cd: torch.dtype, threshold: float) -> int:
     return sum(int((_scores(xc, yc, by, cd) == threshold).sum()) for xc, yc in _chunks(x, y))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -26,28 +26,34 @@ __all__ = ["structured_topk"]
 class _Layer:
     """A scored weight: its output units, and its bias if any."""
 
-    def __init__(self, name: str, weight: Tensor, units: Units, bias_name: str | None, bias: Tensor | None):
+    def __init__(
+        self, name: str, weight: Tensor, units: Units | None, bias_name: str | None, bias: Tensor | None
+    ) -> None:
         self.name, self.weight, self.unit_layout = name, weight, units
         self.bias_name, self.bias = bias_name, bias
 
     @property
     def units(self) -> int:
-        return 1 if self.weight.dim() == 0 else self.unit_layout.count(self.weight.shape)
+        if self.weight.dim() == 0:
+            return 1
+        assert self.unit_layout is not None, "only a 0-dim weight has no units"
+        return self.unit_layout.count(self.weight.shape)
 
     def expand(self, unit_mask: Tensor) -> Tensor:
         """The weight-shaped mask keeping the weights of the kept units."""
         if self.weight.dim() == 0:
             return unit_mask.reshape(()).clone()
+        assert self.unit_layout is not None, "only a 0-dim weight has no units"
         return self.unit_layout.expand(unit_mask, self.weight.shape)
 
 
-def _layers(model_or_params, names: list[str], fn: str) -> list[_Layer]:
+def _layers(model_or_params: nn.Module | Mapping[str, Tensor], names: list[str], fn: str) -> list[_Layer]:
     if isinstance(model_or_params, nn.Module):
         return _model_layers(model_or_params, names, fn)
     if not isinstance(model_or_params, Mapping):
         raise TypeError(f"{fn}: expected a model or a dict of named parameters, got {type(model_or_params).__name__}")
     given = entries(model_or_params, fn=fn)
-    out = []
+    out: list[_Layer] = []
     for name in names:
         if name not in given:
             raise ValueError(f"{fn}: expected score names among the parameter names, got unknown {name!r}")
@@ -61,27 +67,33 @@ def _model_layers(model: nn.Module, names: list[str], fn: str) -> list[_Layer]:
     """Scored weights of a model, looked up by canonical name, alias, or (for a layer pruned by
     torch.nn.utils.prune, whose weight is then a plain attribute) attribute path."""
     lookup: dict[str, Prunable] = {}
-    for e in prunable(model, embeddings=True).values():
-        path = f"{e.module_name}.{e.attr}" if e.module_name else e.attr
-        for key in (e.name, *e.aliases, path):
-            lookup.setdefault(key, e)
+    for entry in prunable(model, embeddings=True).values():
+        assert entry.attr is not None, "a model's entries name their attribute"
+        path = f"{entry.module_name}.{entry.attr}" if entry.module_name else entry.attr
+        for key in (entry.name, *entry.aliases, path):
+            lookup.setdefault(key, entry)
     canonical = aliases(model)
-    out, seen = [], {}
+    out: list[_Layer] = []
+    seen: dict[str, str] = {}
     for name in names:
         e = lookup.get(name)
+        units: Units | None
         if e is not None:
+            assert e.module_name is not None and e.attr is not None, "a model's entries name their module"
             module = model.get_submodule(e.module_name)
             weight, units = getattr(module, e.attr), e.units
         else:  # a parameter outside the default rule (a BatchNorm scale, ...): units along dim 0
             prefix, _, attr = name.rpartition(".")
+            owner: nn.Module | None
             try:
-                module = model.get_submodule(prefix)
+                owner = model.get_submodule(prefix)
             except AttributeError:
-                module = None
-            weight = getattr(module, attr, None) if module is not None else None
+                owner = None
+            weight = getattr(owner, attr, None) if owner is not None else None
             if not isinstance(weight, Tensor):
                 raise ValueError(f"{fn}: expected score names among the model's parameter names, got unknown {name!r}")
-            units = units_of(module, attr) or ALONG_DIM_0
+            assert owner is not None  # a tensor was found on it
+            units = units_of(owner, attr) or ALONG_DIM_0
         key = canonical.get(name, e.name if e is not None else name)
         if key in seen:
             raise ValueError(
@@ -169,7 +181,12 @@ def structured_topk(
         for layer in layers:
             unit_mask = unit_masks[layer.name].to(layer.weight.device)
             out[layer.name] = layer.expand(unit_mask)
-            if include_bias and layer.bias_name is not None and layer.bias.shape == (layer.units,):
+            if (
+                include_bias
+                and layer.bias_name is not None
+                and layer.bias is not None
+                and layer.bias.shape == (layer.units,)
+            ):
                 out[layer.bias_name] = unit_mask.clone()
     return out
 
@@ -189,15 +206,23 @@ def _warn_about_normalization(model: nn.Module, layers: list[_Layer], fn: str) -
         )
 
 
-def _select_units(unit_scores: dict[str, Tensor], sparsity, keep, scope: str, fn: str) -> dict[str, Tensor]:
+def _select_units(
+    unit_scores: dict[str, Tensor], sparsity: float | Mapping[str, float] | None, keep: int | None, scope: str, fn: str
+) -> dict[str, Tensor]:
     """Bool unit masks: the global or per-layer top units (the selection of global_topk / layerwise_topk)."""
     operands = Selection(unit_scores, "value", fn)
     if scope == "global":
         if operands.numel == 0:
             raise ValueError(f"{fn}: expected at least one output unit, got layers without any")
-        return operands.pack(operands.topk(resolve_keep(operands.numel, sparsity, keep, fn)))
+        # A dict of sparsities is rejected here by resolve_keep's own check (a TypeError naming fn).
+        total = cast("float | None", sparsity)
+        masks = operands.pack(operands.topk(resolve_keep(operands.numel, total, keep, fn)))
+        assert isinstance(masks, dict)  # the unit scores are a dict
+        return masks
     if keep is not None:
         raise ValueError(f"{fn}: expected keep only with scope='global', got keep={keep} with scope='layerwise'")
     if sparsity is None:
         raise ValueError(f"{fn}: expected a sparsity for scope='layerwise', got none")
-    return operands.pack(layerwise(operands, sparsity, fn))
+    per_layer = operands.pack(layerwise(operands, sparsity, fn))
+    assert isinstance(per_layer, dict)  # the unit scores are a dict
+    return per_layer

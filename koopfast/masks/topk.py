@@ -8,7 +8,8 @@ structure, shapes and device.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -16,20 +17,38 @@ from torch import Tensor
 from koopfast import _distributed as kd
 from koopfast import ops
 from koopfast._types import ScoreBy
-from koopfast.masks.selection import Scores, Selection, keep_count, resolve_keep
+from koopfast.masks.selection import Operand, Scores, Selection, keep_count, resolve_keep
 from koopfast.masks.sharded import sharded_topk
 
 __all__ = ["global_topk", "layerwise", "layerwise_topk"]
 
 
+@overload
+def global_topk(
+    scores: Mapping[str, Operand],
+    sparsity: float | None = None,
+    *,
+    keep: int | None = None,
+    by: ScoreBy = "value",
+    process_group: Any = None,
+) -> dict[str, Tensor]: ...
+@overload
+def global_topk(
+    scores: Sequence[Operand],
+    sparsity: float | None = None,
+    *,
+    keep: int | None = None,
+    by: ScoreBy = "value",
+    process_group: Any = None,
+) -> list[Tensor]: ...
 def global_topk(
     scores: Scores,
     sparsity: float | None = None,
     *,
     keep: int | None = None,
     by: ScoreBy = "value",
-    process_group=None,
-):
+    process_group: Any = None,
+) -> dict[str, Tensor] | list[Tensor]:
     """Masks keeping the top scores over all tensors together (one global threshold).
 
     Exactly ``round((1 - sparsity) * N)`` entries are kept over the N entries of all tensors (or
@@ -74,7 +93,17 @@ def global_topk(
     return operands.pack(operands.topk(resolve_keep(n, sparsity, keep, fn)))
 
 
-def layerwise_topk(scores: Scores, sparsity: float | Mapping[str, float], *, by: ScoreBy = "value"):
+@overload
+def layerwise_topk(
+    scores: Mapping[str, Operand], sparsity: float | Mapping[str, float], *, by: ScoreBy = "value"
+) -> dict[str, Tensor]: ...
+@overload
+def layerwise_topk(
+    scores: Sequence[Operand], sparsity: float | Mapping[str, float], *, by: ScoreBy = "value"
+) -> list[Tensor]: ...
+def layerwise_topk(
+    scores: Scores, sparsity: float | Mapping[str, float], *, by: ScoreBy = "value"
+) -> dict[str, Tensor] | list[Tensor]:
     """Masks keeping the top scores of each tensor separately.
 
     Each tensor of n entries keeps exactly ``round((1 - s) * n)``, with ``s`` the common
@@ -96,7 +125,7 @@ def layerwise(operands: Selection, sparsity: float | Mapping[str, float], fn: st
         unknown = set(map(str, sparsity)) - set(operands.names)
         if unknown:
             raise ValueError(f"{fn}: expected sparsity keys among the score names, got unknown {sorted(unknown)}")
-    keep = []
+    keep: list[int] = []
     for name, a in zip(operands.names, operands.a):
         s = sparsity.get(name, 0.0) if isinstance(sparsity, Mapping) else sparsity
         keep.append(keep_count(a.numel(), s, fn=fn))  # validates s even for an empty tensor
@@ -111,15 +140,17 @@ def layerwise(operands: Selection, sparsity: float | Mapping[str, float], fn: st
     return ops.topk_mask_per_tensor(operands.a, operands.b, operands.by, thresholds, stats)
 
 
-def _sharded(operands: Selection, sparsity, keep, layout: kd.Layout, fn: str):
+def _sharded(
+    operands: Selection, sparsity: float | None, keep: int | None, layout: kd.Layout, fn: str
+) -> dict[Any, Tensor] | list[Tensor]:
     like = operands.a
     a = [kd.local(t) for t in operands.a]
     b = [kd.local(t) for t in operands.b]
     devices = {t.device for t in a + b}
     if len(devices) > 1:
         raise ValueError(f"{fn}: expected every local score tensor on one device, got {sorted(map(str, devices))}")
-    n = torch.tensor([sum(t.numel() for t in a)], dtype=torch.int64, device=kd.comm_device(layout))
-    n = int(kd.all_reduce(n, layout))
+    local_n = torch.tensor([sum(t.numel() for t in a)], dtype=torch.int64, device=kd.comm_device(layout))
+    n = int(kd.all_reduce(local_n, layout))
     if n == 0:
         raise ValueError(f"{fn}: expected at least one score element over all processes, got only empty tensors")
     masks = sharded_topk(a, b, operands.by, resolve_keep(n, sparsity, keep, fn), layout, operands.names, fn)

@@ -20,11 +20,12 @@ Masks are held bit-packed: 1/32 of a float32 mask.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from koopfast import _distributed as kd
 from koopfast.masks.apply import fused_apply, match_masks
@@ -124,7 +125,7 @@ class Masked:
         )
         self._packed: dict[str, PackedMask] = packed
         self._bits = [packed[n].bits for n in names]
-        self._handles: list = []
+        self._handles: list[RemovableHandle] = []
         if optimizer is not None:
             self._apply_to_states()
             self._handles.append(optimizer.register_step_pre_hook(self._before_step))
@@ -133,7 +134,9 @@ class Masked:
         if grads == "backward":
             for i, p in enumerate(params):
                 if p.requires_grad:
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook(i)))
+                    # torch leaves Tensor.register_post_accumulate_grad_hook unannotated
+                    hook = p.register_post_accumulate_grad_hook(self._grad_hook(i))  # type: ignore[no-untyped-call]
+                    self._handles.append(hook)
 
     @property
     def masks(self) -> dict[str, PackedMask]:
@@ -181,7 +184,7 @@ class Masked:
     def __enter__(self) -> Masked:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
     def __repr__(self) -> str:
@@ -195,7 +198,7 @@ class Masked:
 
     # ---- internals ----------------------------------------------------------------------------------
 
-    def _before_step(self, _optimizer, args, kwargs) -> None:
+    def _before_step(self, _optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._grads == "step":
             self.mask_grads()
         # A closure computes gradients inside the step, after this hook: they reach the update unmasked.
@@ -203,7 +206,7 @@ class Masked:
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         self._remask_this_step = self._remask_after_step or closure is not None
 
-    def _after_step(self, *_) -> None:
+    def _after_step(self, *_: object) -> None:
         if self._remask_this_step:
             self.apply_()
 
@@ -221,7 +224,8 @@ class Masked:
 
     def _state_tensors(self) -> list[tuple[str, Tensor, int]]:
         """(name, tensor, mask index) of the optimizer states shaped like their parameters."""
-        out = []
+        out: list[tuple[str, Tensor, int]] = []
+        assert self._optimizer is not None, "only called with an optimizer"
         state = self._optimizer.state
         for i, (name, p) in enumerate(zip(self._names, self._params)):
             for key, v in state.get(p, {}).items():
@@ -229,7 +233,7 @@ class Masked:
                     out.append((f"{name} (optimizer state {key!r})", v, i))
         return out
 
-    def _grad_hook(self, i: int):
+    def _grad_hook(self, i: int) -> Callable[[Tensor], None]:
         name, bits = self._names[i], self._bits[i : i + 1]
 
         def hook(p: Tensor) -> None:
