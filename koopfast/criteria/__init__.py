@@ -3,6 +3,7 @@ higher = keep, ready for :func:`koopfast.masks.global_topk`; structured criteria
 (:func:`spline_redundancy`) score output units: ``Tensor[units]`` per weight name.
 """
 
+from koopfast.criteria.accumulate import AccumulatedScores, ScoreAccumulator
 from koopfast.criteria.gradflow import (
     GradientFlow,
     biased_loss_preservation,
@@ -17,11 +18,15 @@ from koopfast.criteria.koopman import KoopmanScores, koopman_gradient, koopman_m
 from koopfast.criteria.magnitude import magnitude
 from koopfast.criteria.per_unit import per_unit
 from koopfast.criteria.spline import SplineScores, fold_batchnorm, spline_redundancy
+from koopfast.criteria.wanda import WandaScores, wanda
 
 __all__ = [
+    "AccumulatedScores",
     "GradientFlow",
     "KoopmanScores",
+    "ScoreAccumulator",
     "SplineScores",
+    "WandaScores",
     "biased_loss_preservation",
     "cross_entropy",
     "fisher",
@@ -35,4 +40,5 @@ __all__ = [
     "magnitude",
     "per_unit",
     "spline_redundancy",
+    "wanda",
 ]
