@@ -34,6 +34,8 @@ def is_spline_layer(module: nn.Module) -> bool:
 def unit_major_weight(layer: nn.Module) -> Tensor:
     """The layer's weight with its output units first ([out, ...]: Conv1D's [in, out] transposed)."""
     return layer.weight.t() if is_hf_conv1d(layer) else layer.weight
+
+
 BatchNorm = nn.modules.batchnorm._BatchNorm
 RELU_LIKE_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU)
 
@@ -44,9 +46,29 @@ _RELU_LIKE_OPS = frozenset(
 )
 _PASS_THROUGH_OPS = frozenset(
     {
-        "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze",
-        "slice", "select", "as_strided", "alias", "detach", "clone", "contiguous", "_to_copy", "dropout",
-        "native_dropout", "flatten", "unflatten", "lift_fresh", "_reshape_alias",
+        "view",
+        "_unsafe_view",
+        "reshape",
+        "t",
+        "transpose",
+        "permute",
+        "expand",
+        "unsqueeze",
+        "squeeze",
+        "slice",
+        "select",
+        "as_strided",
+        "alias",
+        "detach",
+        "clone",
+        "contiguous",
+        "_to_copy",
+        "dropout",
+        "native_dropout",
+        "flatten",
+        "unflatten",
+        "lift_fresh",
+        "_reshape_alias",
     }
 )
 
@@ -126,6 +148,7 @@ class _OpLog(TorchDispatchMode):
 
     def watch(self, model: nn.Module) -> list:
         """Hooks that tell the log which leaf module each operation runs in."""
+
         def enter(module, _inputs) -> None:
             self._modules.append(type(module).__name__)
 

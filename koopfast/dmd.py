@@ -54,6 +54,8 @@ def _chunk(rec: TrajectoryRecorder) -> int:
     that the pass's working memory (a few float64 copies of a block) stays well below the
     snapshot buffer for small models too."""
     return min(_TSQR_CHUNK, max(1 << 12, rec.numel // 64))
+
+
 _RANGE_RTOL = 1e-13  # randomized range finder: directions of Z below this × its largest are rounding
 _AUTO_RTOL_FACTOR = 1.0
 

@@ -64,9 +64,7 @@ def koopman_eigenvalues(koopman: dict, path: Path) -> Path:
     t = torch.linspace(0, 2 * math.pi, 400)
     for a in (ax, zoom):
         a.plot(torch.cos(t), torch.sin(t), "k-", lw=0.8, label="unit circle")
-        points = a.scatter(
-            lam.real, lam.imag, s=14, c=residuals, cmap="viridis", vmin=0, vmax=1, label="eigenvalues"
-        )
+        points = a.scatter(lam.real, lam.imag, s=14, c=residuals, cmap="viridis", vmin=0, vmax=1, label="eigenvalues")
         a.scatter(
             [nearest.real],
             [nearest.imag],
@@ -97,7 +95,10 @@ def training_overlap(data: dict, path: Path) -> Path:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     top.plot(epochs, [r["test_accuracy"] for r in training], "s-", color="C1", label="test accuracy")
     top.plot(
-        epochs, [r["kmp_magnitude_overlap"] for r in training], "o-", color="C0",
+        epochs,
+        [r["kmp_magnitude_overlap"] for r in training],
+        "o-",
+        color="C0",
         label="KMP ∩ magnitude masks at 90 % sparsity (kept in common / kept)",
     )
     top.set_ylabel("accuracy / overlap")

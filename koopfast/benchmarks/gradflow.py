@@ -94,7 +94,13 @@ def run_pipeline(case: PipelineCase, repeat: int | None) -> list[Row]:
         note = f"mask overlap with the authors' way: {overlap:.4f}"
         rows.append(
             measure(
-                fn, family="gradflow", case=case.name, method=name, n=n, device=torch.device("cpu"), repeat=repeat or 3,
+                fn,
+                family="gradflow",
+                case=case.name,
+                method=name,
+                n=n,
+                device=torch.device("cpu"),
+                repeat=repeat or 3,
                 note=note,
             )
         )

@@ -150,8 +150,16 @@ def measure(
     t = time_fn(fn, device, repeat=repeat, warmup=warmup)
     peak = peak_extra_bytes(fn, device)
     return row_of(
-        t, peak, family=family, case=case, method=method, n=n, device=device, bytes_moved=bytes_moved,
-        note=note(peak) if callable(note) else note, extra=extra,
+        t,
+        peak,
+        family=family,
+        case=case,
+        method=method,
+        n=n,
+        device=device,
+        bytes_moved=bytes_moved,
+        note=note(peak) if callable(note) else note,
+        extra=extra,
     )
 
 

@@ -127,12 +127,14 @@ def run_case(case: HvpCase, repeat: int | None) -> list[Row]:
     refused = auto.fd_error > FD_TOLERANCE
     methods: dict[str, Callable] = {
         EXACT: lambda: kf.criteria.gradient_flow(model, loss, batches, hvp="exact").hg,
-        FD_AUTO: lambda: kf.criteria.gradient_flow(
-            model, loss, batches, hvp="finite_difference", fd_tol=math.inf if refused else FD_TOLERANCE
-        ).hg,
-        FD_GIVEN: lambda: kf.criteria.gradient_flow(
-            model, loss, batches, hvp="finite_difference", fd_step=auto.fd_step
-        ).hg,
+        FD_AUTO: lambda: (
+            kf.criteria.gradient_flow(
+                model, loss, batches, hvp="finite_difference", fd_tol=math.inf if refused else FD_TOLERANCE
+            ).hg
+        ),
+        FD_GIVEN: lambda: (
+            kf.criteria.gradient_flow(model, loss, batches, hvp="finite_difference", fd_step=auto.fd_step).hg
+        ),
         TORCH_FUNC: lambda: torch_func_hg(model, batches, loss, params),
     }
     rows = []
@@ -145,8 +147,15 @@ def run_case(case: HvpCase, repeat: int | None) -> list[Row]:
                 note += f" (above fd_tol={FD_TOLERANCE:g}: gradient_flow raises by default)"
         rows.append(
             measure(
-                fn, family="hvp", case=case.name, method=name, n=n, device=torch.device("cpu"),
-                repeat=repeat or 3, note=note, extra={"relative_error": error},
+                fn,
+                family="hvp",
+                case=case.name,
+                method=name,
+                n=n,
+                device=torch.device("cpu"),
+                repeat=repeat or 3,
+                note=note,
+                extra={"relative_error": error},
             )
         )
     return fill_ratios(rows, EXACT)

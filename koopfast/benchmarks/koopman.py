@@ -118,8 +118,15 @@ def run_kmp(case: KmpCase, repeat: int | None) -> list[Row]:
         slow = name in (AUTHORS, PYDMD)
         rows.append(
             measure(
-                fn, family="koopman", case=case.name, method=name, n=case.n, device=torch.device("cpu"),
-                bytes_moved=case.n * case.t * 4, repeat=repeat or (2 if slow else 5), warmup=0 if slow else 1,
+                fn,
+                family="koopman",
+                case=case.name,
+                method=name,
+                n=case.n,
+                device=torch.device("cpu"),
+                bytes_moved=case.n * case.t * 4,
+                repeat=repeat or (2 if slow else 5),
+                warmup=0 if slow else 1,
                 note=f"10% mask overlap with koopfast: {overlap:.5f}",
             )
         )
@@ -154,7 +161,13 @@ def run_record(case: RecordCase, device: torch.device, repeat: int | None) -> li
     for name, fn in {"koopfast record()": rec.record, TORCH_RECORD: torch_way}.items():
         rows.append(
             measure(
-                fn, family="koopman", case=case.name, method=name, n=case.n, device=device, bytes_moved=moved,
+                fn,
+                family="koopman",
+                case=case.name,
+                method=name,
+                n=case.n,
+                device=device,
+                bytes_moved=moved,
                 repeat=repeat or 7,
             )
         )
@@ -229,8 +242,16 @@ def run_randomized(case: RandomizedCase, repeat: int | None) -> list[Row]:
 
     rows = [
         measure(
-            fn, family="koopman", case=case.name, method=name, n=case.n, device=torch.device("cpu"),
-            bytes_moved=case.n * case.t * 4, repeat=repeat or 3, note=note, extra={"buffer_mb": buffer / 2**20},
+            fn,
+            family="koopman",
+            case=case.name,
+            method=name,
+            n=case.n,
+            device=torch.device("cpu"),
+            bytes_moved=case.n * case.t * 4,
+            repeat=repeat or 3,
+            note=note,
+            extra={"buffer_mb": buffer / 2**20},
         )
         for name, fn in methods.items()
     ]

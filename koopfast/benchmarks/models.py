@@ -26,8 +26,12 @@ def gpt2(*, layers: int = 2, width: int = 32, heads: int = 4, vocab: int = 48, p
 def bert(*, layers: int = 2, width: int = 32, heads: int = 4, vocab: int = 48, positions: int = 16) -> nn.Module:
     t = _transformers()
     cfg = t.BertConfig(
-        num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads, intermediate_size=width * 3 // 2,
-        vocab_size=vocab, max_position_embeddings=positions,
+        num_hidden_layers=layers,
+        hidden_size=width,
+        num_attention_heads=heads,
+        intermediate_size=width * 3 // 2,
+        vocab_size=vocab,
+        max_position_embeddings=positions,
     )
     return t.BertForMaskedLM(cfg)
 
@@ -37,8 +41,13 @@ def llama(
 ) -> nn.Module:
     t = _transformers()
     cfg = t.LlamaConfig(
-        num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        intermediate_size=width * 3 // 2, vocab_size=vocab, max_position_embeddings=positions,
+        num_hidden_layers=layers,
+        hidden_size=width,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=width * 3 // 2,
+        vocab_size=vocab,
+        max_position_embeddings=positions,
     )
     return t.LlamaForCausalLM(cfg)
 
@@ -48,8 +57,14 @@ def vit(
 ) -> nn.Module:
     t = _transformers()
     cfg = t.ViTConfig(
-        num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads, intermediate_size=width * 3 // 2,
-        image_size=image, patch_size=patch, num_labels=labels, num_channels=channels,
+        num_hidden_layers=layers,
+        hidden_size=width,
+        num_attention_heads=heads,
+        intermediate_size=width * 3 // 2,
+        image_size=image,
+        patch_size=patch,
+        num_labels=labels,
+        num_channels=channels,
     )
     return t.ViTForImageClassification(cfg)
 

@@ -20,6 +20,7 @@ from koopfast.prunable import ALONG_DIM_0, Prunable, Units, aliases, entries, pr
 
 __all__ = ["structured_topk"]
 
+
 class _Layer:
     """A scored weight: its output units, and its bias if any."""
 
