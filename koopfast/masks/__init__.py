@@ -7,6 +7,8 @@ elements per byte) in the structure of the scores or parameters they belong to
 - selection: :func:`global_topk`, :func:`layerwise_topk` (exact counts, deterministic ties) and
   :func:`structured_topk` (whole output units);
 - storage: :class:`PackedMask`, :func:`pack`, :func:`unpack`; files: :func:`save`, :func:`load`;
+- semi-structured: :func:`nm_masks` (N:M, e.g. 2:4, along each layer's inputs) and
+  :func:`to_semi_structured` (sparse tensor-core weights where the device has them);
 - use: :func:`apply_` (zero pruned entries in place, one fused pass) and :class:`Masked` (keep
   them zero through training, no forward hook, no weight copy);
 - inspection: :func:`report` (per-tensor and total sparsity, as data and as a table).
@@ -16,6 +18,7 @@ from koopfast.masks.apply import apply_
 from koopfast.masks.io import load, save
 from koopfast.masks.packed import PackedMask, pack, unpack
 from koopfast.masks.report import LayerSparsity, SparsityReport, report
+from koopfast.masks.semi_structured import nm_masks, to_semi_structured
 from koopfast.masks.structured import structured_topk
 from koopfast.masks.topk import global_topk, keep_count, layerwise_topk
 from koopfast.masks.training import Masked
@@ -30,9 +33,11 @@ __all__ = [
     "keep_count",
     "layerwise_topk",
     "load",
+    "nm_masks",
     "pack",
     "report",
     "save",
     "structured_topk",
+    "to_semi_structured",
     "unpack",
 ]
