@@ -90,7 +90,7 @@ def test_semi_structured_conversion_refuses_what_it_cannot_hold():
     model = nn.Sequential(nn.Linear(8, 4))
     masks = kf.masks.nm_masks({"0.weight": model[0].weight}, 2, 4, by="abs")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="to_semi_structured.*compute capability"):
+        with pytest.raises(RuntimeError, match=r"to_semi_structured.*compute capability"):
             kf.masks.to_semi_structured(model, masks)
     dense = {"0.weight": torch.ones(4, 8, dtype=torch.bool)}
     with pytest.raises(ValueError, match=r"to_semi_structured.*2:4"):
