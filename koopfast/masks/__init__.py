@@ -7,6 +7,7 @@ elements per byte) in the structure of the scores or parameters they belong to
 - selection: :func:`global_topk`, :func:`layerwise_topk` (exact counts, deterministic ties) and
   :func:`structured_topk` (whole output units);
 - storage: :class:`PackedMask`, :func:`pack`, :func:`unpack`; files: :func:`save`, :func:`load`;
+  :func:`export_compressed` (pruned weights in the compressed-tensors bitmask format);
 - semi-structured: :func:`nm_masks` (N:M, e.g. 2:4, along each layer's inputs) and
   :func:`to_semi_structured` (sparse tensor-core weights where the device has them);
 - use: :func:`apply_` (zero pruned entries in place, one fused pass) and :class:`Masked` (keep
@@ -15,6 +16,7 @@ elements per byte) in the structure of the scores or parameters they belong to
 """
 
 from koopfast.masks.apply import apply_
+from koopfast.masks.compressed import CompressedExport, export_compressed
 from koopfast.masks.io import load, save
 from koopfast.masks.packed import PackedMask, pack, unpack
 from koopfast.masks.report import LayerSparsity, SparsityReport, report
@@ -24,11 +26,13 @@ from koopfast.masks.topk import global_topk, keep_count, layerwise_topk
 from koopfast.masks.training import Masked
 
 __all__ = [
+    "CompressedExport",
     "LayerSparsity",
     "Masked",
     "PackedMask",
     "SparsityReport",
     "apply_",
+    "export_compressed",
     "global_topk",
     "keep_count",
     "layerwise_topk",
