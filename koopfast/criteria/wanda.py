@@ -71,11 +71,17 @@ class WandaScores(ScoreMap):
         self.skipped = skipped or {}
         self.unit_dims = unit_dims or {}
 
-    def masks(self, sparsity: float) -> dict[str, Tensor]:
+    def masks(self, sparsity: float | Mapping[str, float]) -> dict[str, Tensor]:
         """Boolean masks (True = keep) pruning ``sparsity`` of each output unit's weights: the paper's
         per-output comparison groups. Each unit keeps ``round((1 - sparsity) · in_features)`` entries;
-        ties keep the lower input index."""
+        ties keep the lower input index. ``sparsity`` is one fraction for every layer or a dict
+        name -> fraction (a layer budget such as :func:`koopfast.masks.owl_sparsities`; names not
+        given keep everything)."""
         fn = "koopfast.criteria.WandaScores.masks"
+        if isinstance(sparsity, Mapping):
+            unknown = sorted(set(sparsity) - set(self))
+            if unknown:
+                raise ValueError(f"{fn}: expected sparsity keys among the scored weights, got unknown {unknown}")
         out = {}
         for name, s in self.items():
             dim = self.unit_dims.get(name, 0)
@@ -83,7 +89,8 @@ class WandaScores(ScoreMap):
             if not bool(torch.isfinite(local).all()):
                 raise ValueError(f"{fn}: expected finite scores, got NaN or Inf in {name!r}")
             rows = local.movedim(dim, 0).reshape(local.shape[dim], -1)
-            keep = keep_count(rows.shape[1], sparsity, fn=fn)
+            fraction = sparsity.get(name, 0.0) if isinstance(sparsity, Mapping) else sparsity
+            keep = keep_count(rows.shape[1], fraction, fn=fn)
             order = torch.sort(rows, dim=1, descending=True, stable=True).indices[:, :keep]
             mask = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, order, True)
             mask = mask.reshape(local.movedim(dim, 0).shape).movedim(0, dim).contiguous()

@@ -5,7 +5,8 @@ elements per byte) in the structure of the scores or parameters they belong to
 (``dict[name, ...]`` or a list).
 
 - selection: :func:`global_topk`, :func:`layerwise_topk` (exact counts, deterministic ties) and
-  :func:`structured_topk` (whole output units);
+  :func:`structured_topk` (whole output units); layer budgets: :func:`owl_sparsities` (OWL's
+  outlier-weighted per-layer sparsities, for ``layerwise_topk`` or ``WandaScores.masks``);
 - storage: :class:`PackedMask`, :func:`pack`, :func:`unpack`; files: :func:`save`, :func:`load`;
   :func:`export_compressed` (pruned weights in the compressed-tensors bitmask format);
 - semi-structured: :func:`nm_masks` (N:M, e.g. 2:4, along each layer's inputs) and
@@ -16,6 +17,7 @@ elements per byte) in the structure of the scores or parameters they belong to
 """
 
 from koopfast.masks.apply import apply_
+from koopfast.masks.budgets import block_of, outlier_ratios, owl_sparsities
 from koopfast.masks.compressed import CompressedExport, export_compressed
 from koopfast.masks.io import load, save
 from koopfast.masks.packed import PackedMask, pack, unpack
@@ -32,12 +34,15 @@ __all__ = [
     "PackedMask",
     "SparsityReport",
     "apply_",
+    "block_of",
     "export_compressed",
     "global_topk",
     "keep_count",
     "layerwise_topk",
     "load",
     "nm_masks",
+    "outlier_ratios",
+    "owl_sparsities",
     "pack",
     "report",
     "save",
