@@ -25,11 +25,13 @@ Where this differs from the authors' released code (wanda/lib/prune.py, ``prune_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from koopfast import _distributed as kd
 from koopfast._probe import eval_mode, model_device
@@ -88,7 +90,8 @@ class WandaScores(ScoreMap):
             local = kd.local(s)
             if not bool(torch.isfinite(local).all()):
                 raise ValueError(f"{fn}: expected finite scores, got NaN or Inf in {name!r}")
-            rows = local.movedim(dim, 0).reshape(local.shape[dim], -1)
+            units = local.movedim(dim, 0)
+            rows = units.reshape(units.shape[0], math.prod(units.shape[1:]))  # an FSDP2 shard may hold no rows
             fraction = sparsity.get(name, 0.0) if isinstance(sparsity, Mapping) else sparsity
             keep = keep_count(rows.shape[1], fraction, fn=fn)
             order = torch.sort(rows, dim=1, descending=True, stable=True).indices[:, :keep]
@@ -125,10 +128,21 @@ def wanda(
     ``forward(model, batch)`` runs one batch (default: ``model(batch)``, ``model(**batch)`` for a
     dict, ``model(*batch)`` for a tuple). The model runs in eval mode without gradients; every
     module's mode is restored after. ``params`` restricts the scored weights (names or aliases).
+
+    Data parallel: with ``process_group`` (or "default"), every process holds the same model and
+    runs its own ``batches`` (possibly none); every process gets the scores of all processes'
+    batches. A ``DistributedDataParallel`` model is unwrapped (names are the module's; ``forward``
+    gets ``model.module``) and uses ``model.process_group`` unless one is given. FSDP2 (DTensor
+    ``Shard(0)`` Linear weights) needs no group; every process must then run the same number of
+    batches (each forward is collective).
     """
     fn = "koopfast.criteria.wanda"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: expected model to be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, DistributedDataParallel):  # replicated: score the module, in DDP's group
+        if process_group is None:
+            process_group = model.process_group
+        model = model.module
     run = _default_forward if forward is None else forward
     layers = _linear_weights(model, params, fn)
     if not layers:

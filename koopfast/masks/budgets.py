@@ -36,13 +36,13 @@ from koopfast import _distributed as kd
 
 __all__ = ["block_of", "outlier_ratios", "owl_sparsities"]
 
-_INDEX = re.compile(r"^(.*?\.\d+)(\.|$)")
+_INDEX = re.compile(r"^((?:.*?\.)?\d+)(?:\.|$)")
 
 
 def block_of(name: str) -> str:
     """The decoder block a tensor belongs to: its name up to the first all-digit component
-    (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``); a name without one (``lm_head.weight``)
-    is a group of its own."""
+    (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``, ``0.weight`` -> ``0``); a name
+    without one (``lm_head.weight``) is a group of its own."""
     match = _INDEX.match(name)
     return match.group(1) if match else name
 

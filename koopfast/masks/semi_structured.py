@@ -16,6 +16,7 @@ memory order (NVIDIA's ASP permutes convolutions so that groups run along ``in``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -94,7 +95,7 @@ def _as_rows(t: Tensor, input_dim_0: bool) -> Tensor:
     """``t`` as [outputs, inputs]: a view for Linear and Conv1D weights, a reshape for others."""
     if input_dim_0:
         return t.t()
-    return t.reshape(t.shape[0], -1)
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))  # explicit: a shard may hold no rows
 
 
 def _conv1d_names(model: nn.Module) -> set[str]:

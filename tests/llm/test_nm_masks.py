@@ -96,3 +96,9 @@ def test_semi_structured_conversion_refuses_what_it_cannot_hold():
     with pytest.raises(ValueError, match=r"to_semi_structured.*2:4"):
         kf.masks.to_semi_structured(model, dense)
     assert isinstance(model[0].weight, nn.Parameter) and model[0].weight.layout == torch.strided  # unchanged
+
+
+def test_tensors_without_rows_get_empty_masks():
+    # an FSDP2 shard of a weight with fewer rows than processes holds none
+    assert kf.masks.nm_masks({"w": torch.zeros(0, 8)}, 2, 4)["w"].shape == (0, 8)
+    assert kf.criteria.WandaScores({"w": torch.zeros(0, 8)}).masks(0.5)["w"].shape == (0, 8)
