@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from koopfast.masks.packed import PackedMask, pack, unpack
+from koopfast.masks.packed import PackedMask
 
 __all__ = ["FORMAT", "CompressedExport", "export_compressed"]
 
@@ -139,7 +139,7 @@ def export_compressed(
     if isinstance(out, MutableMapping):
         out.update(tensors)
     elif out is not None:
-        result.files = _write(os.fspath(out), tensors, config, model_or_state, fn)
+        result.files = _write(os.fspath(out), tensors, config, model_or_state)
     return result
 
 
@@ -159,7 +159,7 @@ def _checked_masks(state: Mapping[str, Tensor], masks: Mapping[str, Tensor | Pac
         if w.dtype not in _FLOATS:
             raise TypeError(f"{fn}: expected {name!r} to be float16, bfloat16, float32 or float64, got {w.dtype}")
         if isinstance(mask, PackedMask):
-            mask = unpack(mask)
+            mask = mask.unpack()
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != w.shape:
             got = f"{mask.dtype} {list(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
             raise ValueError(f"{fn}: expected the mask of {name!r} to be bool of shape {list(w.shape)}, got {got}")
@@ -173,7 +173,7 @@ def _row_packed(present: Tensor) -> Tensor:
     rows, cols = present.shape
     width = -(-cols // 8) * 8
     padded = present if width == cols else torch.nn.functional.pad(present, (0, width - cols))
-    return pack(padded.contiguous()).bits.view(rows, width // 8)
+    return PackedMask.from_bool(padded.contiguous()).bits.view(rows, width // 8)
 
 
 def _keeps_two_of_four(present: Tensor) -> bool:
@@ -181,12 +181,12 @@ def _keeps_two_of_four(present: Tensor) -> bool:
     return cols % 4 == 0 and bool((present.reshape(rows, -1, 4).sum(-1) <= 2).all())
 
 
-def _write(folder: str, tensors: dict[str, Tensor], config: dict[str, Any], source: Any, fn: str) -> list[str]:
+def _write(folder: str, tensors: dict[str, Tensor], config: dict[str, Any], source: Any) -> list[str]:
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
     # safetensors refuses tensors sharing memory (tied weights): store each storage's later names as copies.
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[int, object]] = set()
     flat = {}
     for k, v in tensors.items():
         key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else (0, id(v))
@@ -194,8 +194,8 @@ def _write(folder: str, tensors: dict[str, Tensor], config: dict[str, Any], sour
         seen.add(key)
     weights = os.path.join(folder, "model.safetensors")
     save_file(flat, weights, metadata={"format": "pt"})
-    hf_config = getattr(source, "config", None)
-    document = hf_config.to_dict() if hasattr(hf_config, "to_dict") else {}
+    to_dict = getattr(getattr(source, "config", None), "to_dict", None)  # a Hugging Face model's config
+    document: dict[str, Any] = dict(to_dict()) if callable(to_dict) else {}
     document["quantization_config"] = config
     path = os.path.join(folder, "config.json")
     with open(path, "w", encoding="utf-8") as f:
