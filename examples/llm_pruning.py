@@ -2,7 +2,8 @@
 
 A character-level Llama (Hugging Face ``LlamaConfig``: a few decoder blocks, grouped-query
 attention, random initial weights, nothing downloaded) is trained briefly with AdamW on the
-text of this repository's README.md and docs/*.md (the last 10 % of the characters held out).
+text of this repository's README.md and docs/*.md and the docstrings of some Python standard-library
+modules (every 10th block of 1024 characters held out).
 The linear layers of its decoder blocks are then pruned, from the trained weights each time:
 
 * 50 % unstructured: magnitude |θ| and gradient-norm preservation |θ ⊙ Hḡ| (gradient flow,
@@ -37,21 +38,60 @@ ROOT = Path(__file__).resolve().parents[1]
 SPARSITY = 0.5
 
 
+STDLIB = (
+    "argparse",
+    "collections",
+    "functools",
+    "itertools",
+    "json",
+    "logging",
+    "pathlib",
+    "re",
+    "statistics",
+    "string",
+    "textwrap",
+    "dataclasses",
+    "unittest",
+    "subprocess",
+    "threading",
+    "email.message",
+    "http.client",
+)
+
+
 def corpus() -> str:
-    """README.md and docs/*.md of this repository, in a fixed order."""
+    """README.md and docs/*.md of this repository, then the docstrings of a fixed list of Python
+    standard-library modules and their public classes, functions and methods (enough text that
+    the small model does not overfit in a few hundred steps; the docstrings vary a little between
+    Python versions)."""
+    import importlib
+    import inspect
+
     files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-    return "\n\n".join(p.read_text(encoding="utf-8") for p in files if p.exists())
+    parts = [p.read_text(encoding="utf-8") for p in files if p.exists()]
+    for name in STDLIB:
+        module = importlib.import_module(name)
+        objects = [module] + [getattr(module, a) for a in sorted(vars(module)) if not a.startswith("_")]
+        for obj in objects:
+            if obj is not module and getattr(obj, "__module__", None) != module.__name__:
+                continue  # imported from elsewhere
+            members = [obj] + (
+                [getattr(obj, a) for a in sorted(vars(obj)) if not a.startswith("_")] if inspect.isclass(obj) else []
+            )
+            parts += [doc for m in members if (callable(m) or inspect.ismodule(m)) and (doc := inspect.getdoc(m))]
+    return "\n\n".join(parts)
 
 
 class Chars:
     """Character-level tokens: train and held-out id sequences."""
 
-    def __init__(self, text: str, held_out: float = 0.1):
+    def __init__(self, text: str, every: int = 10, chunk: int = 1024):
         self.alphabet = sorted(set(text))
         index = {c: i for i, c in enumerate(self.alphabet)}
         ids = torch.tensor([index[c] for c in text], dtype=torch.long)
-        cut = int(len(ids) * (1 - held_out))
-        self.train, self.test = ids[:cut], ids[cut:]
+        chunks = list(ids.split(chunk))  # every 10th chunk of 1024 characters held out
+        self.train = torch.cat([c for i, c in enumerate(chunks) if i % every != every - 1])
+        self.test = torch.cat([c for i, c in enumerate(chunks) if i % every == every - 1])
 
     def batches(self, n: int, size: int, length: int, seed: int) -> list[torch.Tensor]:
         """n batches of ``size`` random windows of ``length`` training characters."""
