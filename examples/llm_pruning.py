@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import textwrap
 import time
 from pathlib import Path
 
@@ -248,6 +249,7 @@ def table(r: dict) -> str:
 
 def plot(r: dict, path: Path) -> Path:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -263,8 +265,10 @@ def plot(r: dict, path: Path) -> Path:
     ax.axhline(
         r["dense_fine_tuned"], color="k", ls="--", lw=1, label=f"dense, same extra steps ({r['dense_fine_tuned']:.2f})"
     )
-    ax.set_xticks(list(x), [f"{c}\n{k}" for c, k in labels], fontsize=7)
+    ax.set_xticks(list(x), [f"{textwrap.fill(c, 14)}\n{k}" for c, k in labels], fontsize=7)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_ylabel("held-out perplexity (log scale)")
     ax.set_title("Character-level Llama pruned to 50 % (unstructured) and 2:4")
     ax.grid(alpha=0.3, axis="y")
