@@ -37,6 +37,11 @@ TORCH_LIBRARY(koopfast, m) {
       "select_threshold_per_tensor(Tensor[] a, Tensor[] b, str score, int[] k)"
       " -> (Tensor thresholds, Tensor stats)");
   m.def("topk_mask_per_tensor(Tensor[] a, Tensor[] b, str score, Tensor thresholds, Tensor stats) -> Tensor[]");
+  // Semi-structured N:M masks (contract in select/nm.h): for each 2-D a[i] [rows, cols], bool
+  // [rows, cols] keeping the n largest scores of every group of m consecutive columns (a trailing
+  // group of r < m keeps min(n, r)); ties keep the lower column. nan_tensor: int64[1], the index of
+  // the first tensor with a NaN score (its mask rows there are unspecified), or -1.
+  m.def("nm_masks(Tensor[] a, Tensor[] b, str score, int n, int m) -> (Tensor[] masks, Tensor nan_tensor)");
 
   // ---- parameter trajectories (csrc/trajectory; contract in trajectory.h) ----
   // snapshots: [capacity, N] float32/bfloat16/float16; anchor: optional float32 [N] (rows are

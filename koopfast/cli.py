@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-FAMILIES = ("select", "masks", "koopman", "gradflow", "hvp", "codes", "distributed")
+FAMILIES = ("select", "masks", "koopman", "gradflow", "hvp", "codes", "distributed", "llm")
 
 
 SIZES = ("quick", "default", "large")

@@ -21,6 +21,7 @@ from koopfast._types import ScoreBy
 __all__ = [
     "NUM_SELECT_STATS",
     "hamming_distance",
+    "nm_masks",
     "pairwise_hamming",
     "select_threshold",
     "select_threshold_per_tensor",
@@ -430,3 +431,30 @@ def apply_masks(targets: Sequence[Tensor], masks: Sequence[Tensor], mask_index: 
 def _apply_masks_fake(targets: list[Tensor], masks: list[Tensor], mask_index: list[int]) -> None:
     _one_device("apply_masks", targets=targets, masks=masks)
     return None
+
+
+# ---- semi-structured (N:M) masks --------------------------------------------------------------------
+
+
+def nm_masks(a: Sequence[Tensor], b: Sequence[Tensor], score: ScoreBy, n: int, m: int) -> tuple[list[Tensor], Tensor]:
+    """N:M masks: in every group of ``m`` consecutive columns of each 2-D ``a[i]`` ([rows, cols],
+    any strides), True for the ``n`` largest scores (score kinds and compute dtype as
+    :func:`select_threshold`); a trailing group of r < m columns keeps min(n, r); among equal scores
+    the lower column is kept, so every group keeps exactly that many.
+
+    Returns ``(masks, nan_tensor)``: bool [rows, cols] contiguous masks on a's device, and int64[1]
+    holding the index of the first tensor with a NaN score (its masks are then unspecified) or -1.
+    """
+    return torch.ops.koopfast.nm_masks.default(
+        list(a), list(b), score, _int64("nm_masks", "n", n), _int64("nm_masks", "m", m)
+    )
+
+
+@torch.library.register_fake("koopfast::nm_masks")
+def _nm_masks_fake(a, b, score, n, m):
+    _require(len(a) > 0, "koopfast::nm_masks: expected a to be a non-empty list of tensors")
+    _one_device("nm_masks", a=a, b=b)
+    for i, t in enumerate(a):
+        _require(t.dim() == 2, f"koopfast::nm_masks: expected a[{i}] to be 2-D [rows, cols], got shape {list(t.shape)}")
+    masks = [t.new_empty(t.shape, dtype=torch.bool) for t in a]
+    return masks, a[0].new_empty((1,), dtype=torch.int64)

@@ -16,6 +16,7 @@ from koopfast.ops import CODE_WORD_BITS, NUM_SELECT_STATS
 
 __all__ = [
     "hamming_distance",
+    "nm_masks",
     "pairwise_hamming",
     "scores_of",
     "select_threshold",
@@ -236,3 +237,24 @@ def apply_masks(targets: Sequence[Tensor], masks: Sequence[Tensor], mask_index: 
         m = masks[j]
         keep = unpack_masks([m], [t.numel()])[0].reshape(t.shape) if m.dtype == torch.uint8 else m
         t.copy_(torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device)))
+
+
+def nm_masks(a: Sequence[Tensor], b: Sequence[Tensor], score: str, n: int, m: int) -> tuple[list[Tensor], Tensor]:
+    """Per group of m columns: a stable descending sort of its scores keeps the first n (ties: the
+    lower column first); a trailing group of r < m keeps min(n, r)."""
+    scores = scores_of(a, b, score)
+    status = torch.full((1,), -1, dtype=torch.int64, device=a[0].device)
+    masks = []
+    for i, (x, s) in enumerate(zip(a, scores)):
+        rows, cols = x.shape
+        s = s.reshape(rows, cols)
+        if bool(torch.isnan(s).any()) and int(status[0]) < 0:
+            status[0] = i
+        mask = torch.zeros(rows, cols, dtype=torch.bool, device=x.device)
+        for c0 in range(0, cols, m):
+            group = s[:, c0 : c0 + m]
+            keep = min(n, group.shape[1])
+            order = torch.sort(group, dim=1, descending=True, stable=True).indices[:, :keep]
+            mask[:, c0 : c0 + m] = torch.zeros_like(group, dtype=torch.bool).scatter_(1, order, True)
+        masks.append(mask)
+    return masks, status

@@ -155,7 +155,19 @@ def _apply_samples(device: str) -> list[tuple]:
     ]
 
 
+def _nm_samples(device: str) -> list[tuple]:
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(6, 8, generator=g).to(device)
+    b = torch.randn(6, 8, generator=g).to(device)
+    return [
+        ([w], [], "abs", 2, 4),
+        ([w.t(), w[:, :7].double()], [], "value", 1, 3),  # strided, a trailing partial group, float64
+        ([w.half()], [b.half()], "abs_product", 4, 8),
+    ]
+
+
 SAMPLES: dict[str, Callable[[str], list[tuple]]] = {
+    "nm_masks": _nm_samples,
     "select_threshold": _select_samples,
     "topk_mask": _mask_samples,
     "select_threshold_per_tensor": _select_per_tensor_samples,

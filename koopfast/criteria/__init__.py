@@ -3,6 +3,7 @@ higher = keep, ready for :func:`koopfast.masks.global_topk`; structured criteria
 (:func:`spline_redundancy`) score output units: ``Tensor[units]`` per weight name.
 """
 
+from koopfast.criteria.accumulate import AccumulatedScores, ScoreAccumulator
 from koopfast.criteria.gradflow import (
     FlowAndPrune,
     GradientFlow,
@@ -20,13 +21,17 @@ from koopfast.criteria.magnitude import magnitude
 from koopfast.criteria.per_unit import per_unit
 from koopfast.criteria.shrinkbench import shrinkbench_masks, shrinkbench_prunable, shrinkbench_threshold
 from koopfast.criteria.spline import SplineScores, fold_batchnorm, spline_redundancy
+from koopfast.criteria.wanda import WandaScores, wanda
 
 __all__ = [
+    "AccumulatedScores",
     "FlowAndPrune",
     "GradientFlow",
     "GradientFlowScores",
     "KoopmanScores",
+    "ScoreAccumulator",
     "SplineScores",
+    "WandaScores",
     "biased_loss_preservation",
     "cross_entropy",
     "fisher",
@@ -43,4 +48,5 @@ __all__ = [
     "shrinkbench_prunable",
     "shrinkbench_threshold",
     "spline_redundancy",
+    "wanda",
 ]
