@@ -445,13 +445,14 @@ def nm_masks(a: Sequence[Tensor], b: Sequence[Tensor], score: ScoreBy, n: int, m
     Returns ``(masks, nan_tensor)``: bool [rows, cols] contiguous masks on a's device, and int64[1]
     holding the index of the first tensor with a NaN score (its masks are then unspecified) or -1.
     """
-    return torch.ops.koopfast.nm_masks.default(
+    out: tuple[list[Tensor], Tensor] = torch.ops.koopfast.nm_masks.default(
         list(a), list(b), score, _int64("nm_masks", "n", n), _int64("nm_masks", "m", m)
     )
+    return out
 
 
-@torch.library.register_fake("koopfast::nm_masks")
-def _nm_masks_fake(a, b, score, n, m):
+@_register_fake("koopfast::nm_masks")
+def _nm_masks_fake(a: list[Tensor], b: list[Tensor], score: str, n: int, m: int) -> tuple[list[Tensor], Tensor]:
     _require(len(a) > 0, "koopfast::nm_masks: expected a to be a non-empty list of tensors")
     _one_device("nm_masks", a=a, b=b)
     for i, t in enumerate(a):

@@ -55,13 +55,18 @@ def nm_masks(
     if by not in UNARY_SCORES + BINARY_SCORES:
         raise ValueError(f"{fn}: expected by to be one of {UNARY_SCORES + BINARY_SCORES}, got {by!r}")
     input_dim_0 = _conv1d_names(model) if model is not None else set()
-    names, a, b = [], [], []
+    names: list[str] = []
+    a: list[Tensor] = []
+    b: list[Tensor] = []
+    shapes: list[torch.Size] = []
     for name, v in scores.items():
-        pair = v if by in BINARY_SCORES else (v, None)
+        pair: Any = v if by in BINARY_SCORES else (v, None)
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], Tensor)):
             want = "a pair of tensors (a, b)" if by in BINARY_SCORES else "a tensor"
             raise TypeError(f"{fn}: expected {name!r} to be {want} for by={by!r}, got {type(v).__name__}")
-        x, y = pair
+        x: Tensor = pair[0]
+        y: object = pair[1]
+        shapes.append(x.shape)
         if x.dim() < 2:
             raise ValueError(
                 f"{fn}: expected weights of 2+ dimensions (N:M groups run along a layer's inputs), got {name!r} of "
@@ -80,15 +85,11 @@ def nm_masks(
     if int(nan[0]) >= 0:
         raise ValueError(f"{fn}: expected scores without NaN, got NaN in {names[int(nan[0])]!r}")
     out = {}
-    for name, mask, (x, *_) in zip(names, masks, [_pair(scores[k], by) for k in names]):
+    for name, mask, shape in zip(names, masks, shapes):
         if name in input_dim_0:
             mask = mask.t()
-        out[name] = mask.reshape(x.shape).contiguous()
+        out[name] = mask.reshape(shape).contiguous()
     return out
-
-
-def _pair(v: Any, by: str) -> tuple[Tensor, ...]:
-    return tuple(v) if by in BINARY_SCORES else (v,)
 
 
 def _as_rows(t: Tensor, input_dim_0: bool) -> Tensor:
