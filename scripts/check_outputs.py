@@ -39,7 +39,7 @@ def main(demo: Path, bench: Path) -> None:
     bench_results = json.loads((bench / "results.json").read_text())
     rows = bench_results["rows"]
     families = {r["family"].split("/")[0] for r in rows}  # masks/apply, masks/global, ...
-    expected = {"select", "masks", "koopman", "gradflow", "hvp", "codes", "distributed"}
+    expected = {"select", "masks", "koopman", "gradflow", "hvp", "codes", "distributed", "llm"}
     assert expected <= families, f"bench families: {families}"
     assert all(r["median_ms"] > 0 for r in rows)
     provenance(bench_results)
