@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import koopfast as kf
+
+# The model zoo's cases (tests/zoo/zoo.py) serve the zoo tests and the LLM tests (tests/llm).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "zoo"))
 
 
 def available_devices() -> list[str]:
