@@ -7,7 +7,7 @@
 // on a GPU: tests/ops/test_nm.py compares it with the CPU kernel and the reference twin there.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/full.h>
-#include <ATen/ops/where.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -61,6 +61,11 @@ __global__ void nm_kernel(TensorView a, TensorView b, int64_t rows, int64_t cols
   }
 }
 
+// The first tensor with a NaN score (INT_MAX: none) as the op's int64 status (-1: none).
+__global__ void nm_status_kernel(const int* first_nan, int64_t* status) {
+  *status = *first_nan == INT_MAX ? -1 : *first_nan;
+}
+
 std::tuple<std::vector<at::Tensor>, at::Tensor> nm_masks_cuda(at::TensorList a, at::TensorList b,
                                                               std::string_view score, int64_t n, int64_t m) {
   const NmInputs in = prepare_nm_inputs("nm_masks", a, b, score, n, m);
@@ -91,7 +96,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> nm_masks_cuda(at::TensorList a, 
       });
     });
   }
-  at::Tensor status = at::where(first_nan == INT_MAX, at::full_like(first_nan, -1), first_nan).to(c10::kLong);
+  at::Tensor status = at::empty({1}, a[0].options().dtype(c10::kLong));
+  nm_status_kernel<<<1, 1, 0, stream>>>(first_nan.data_ptr<int>(), status.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, status};
 }
 
