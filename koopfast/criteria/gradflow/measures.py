@@ -11,6 +11,7 @@ score of each output unit from the units' rows (one row per unit); ``fused`` the
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -37,7 +38,7 @@ Operand = Literal["grad", "hg", "grad_sq"]
 
 
 @dataclass(frozen=True)
-class GradientMeasure:
+class GradientMeasure(ABC):
     """One measure: θ and at most one other operand per tensor in, scores (higher = keep) out."""
 
     name: ClassVar[str]
@@ -46,9 +47,9 @@ class GradientMeasure:
     variants: ClassVar[tuple[str, ...]] = ("abs",)
     variant: str = "abs"
 
+    @abstractmethod
     def elementwise(self, theta: Tensor, b: Tensor | None, theta0: Tensor | None = None) -> Tensor:
         """Per-entry scores; ``theta0`` (θ at initialization) only for variants that use it."""
-        raise NotImplementedError
 
     def per_unit(self, rows: Tensor, other: Tensor | None, rows0: Tensor | None = None) -> Tensor:
         """Scores of the units whose entries are the rows of ``rows`` (``other``, ``rows0`` likewise)."""
