@@ -23,11 +23,13 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
 #include "common/chunks.h"
 #include "common/cpu_loops.h"
+#include "select/filter_cpu.h"
 #include "select/select_args.h"
 
 namespace koopfast {
@@ -58,21 +60,30 @@ class CpuSelect {
     if (in_.total >= kSampleMinInput) {
       // Speculate on a sampled range; if it misses, keep the counts and go where the target is.
       RangeState<K> guess = sample_guess(k);
-      const RangeBins<K> g = range_bins(guess, width);
-      int64_t above = 0, inside = 0;
-      const int64_t nan = scan(guess, g, /*check_nan=*/true, above, inside);
-      if (nan >= 0) return report_nan(nan, threshold, stats);
       first = false;
-      if (above < k && k <= above + inside) {
+      bool counted = false;
+      if constexpr (std::is_same_v<C, float>) {
+        if (const FilterFn filter = fast_filter()) {
+          if (select_among_candidates(filter, guess, k, threshold, stats)) return;
+          st = guess;
+          counted = true;
+        }
+      }
+      if (!counted) {
+        const RangeBins<K> g = range_bins(guess, width);
+        int64_t above = 0, inside = 0;
+        const int64_t nan = scan(guess, g, /*check_nan=*/true, above, inside);
+        if (nan >= 0) return report_nan(nan, threshold, stats);
         st = guess;
-        st.k_rem = k - above;
-        st.n_greater = above;
-        st.n_bucket = inside;
-        range_descend(st, hist_.data(), g);
-      } else {
-        st = guess;
-        range_retarget(st, k, above, inside);
-        st.n_bucket = -1;  // unknown until the next pass
+        if (above < k && k <= above + inside) {
+          st.k_rem = k - above;
+          st.n_greater = above;
+          st.n_bucket = inside;
+          range_descend(st, hist_.data(), g);
+        } else {
+          range_retarget(st, k, above, inside);
+          st.n_bucket = -1;  // unknown until the next pass
+        }
       }
     }
     while (!st.done() || st.n_bucket < 0) {
@@ -174,6 +185,122 @@ class CpuSelect {
     for (int64_t h : hist_) total_inside += h;
     const int64_t nan = first_nan.load();
     return nan == std::numeric_limits<int64_t>::max() ? -1 : nan;
+  }
+
+  // The fast first pass (float32 scores, a CPU with a vector filter): one filtering pass over the
+  // sampled range `guess` that counts the scores above it and keeps those inside, then the target
+  // is selected among the kept ones alone (a few percent of the input, in cache). Returns true with
+  // threshold and stats filled, or false with st_ set up for the histogram passes: the counts of the
+  // pass are kept (a NaN is reported then too, through stats, and true returned).
+  bool select_among_candidates(FilterFn filter, RangeState<K>& guess, int64_t k, C* threshold, int64_t* stats) {
+    const C lo_f = bound_of(guess.lo, false);
+    const C hi_f = bound_of(guess.hi, true);
+    const int nthreads = at::get_num_threads();
+    // The kept scores may take at most an eighth of the input's elements (a sample that lies, or
+    // many ties, fill more: then the histogram passes take over, with the counts of this pass).
+    const int64_t cap = std::max<int64_t>(in_.total / 8, 1);
+    std::atomic<int64_t> kept_total{0};
+    std::vector<std::vector<float>> kept(static_cast<size_t>(nthreads));
+    std::vector<FilterCounts> counts(static_cast<size_t>(nthreads));
+    std::vector<char> full(static_cast<size_t>(nthreads), 0);
+    std::atomic<int64_t> first_nan{std::numeric_limits<int64_t>::max()};
+    at::parallel_for(0, static_cast<int64_t>(chunks_.size()), 1, [&](int64_t cb, int64_t ce) {
+      const int tid = at::get_thread_num();
+      std::vector<float>& out = kept[tid];
+      FilterCounts& cnt = counts[tid];
+      size_t stored = out.size();
+      const auto run = [&](ScoreKind kind, const float* pa, const float* pb, int64_t n) {
+        float* dst = nullptr;
+        if (!full[tid]) {
+          if (kept_total.load(std::memory_order_relaxed) + n > cap) {
+            full[tid] = 1;
+          } else {
+            if (out.size() < stored + static_cast<size_t>(n) + 8) out.resize(2 * (stored + static_cast<size_t>(n) + 8));
+            dst = out.data() + stored;
+          }
+        }
+        const int64_t before = cnt.inside;
+        filter(kind, pa, pb, n, lo_f, hi_f, dst, cnt);
+        if (dst != nullptr) {
+          stored += static_cast<size_t>(cnt.inside - before);
+          kept_total.fetch_add(cnt.inside - before, std::memory_order_relaxed);
+        }
+      };
+      for (int64_t c = cb; c < ce; ++c) {
+        const Chunk& ch = chunks_[c];
+        const int64_t nan_before = cnt.nan;
+        filter_chunk(ch, run);
+        if (cnt.nan > nan_before) {
+          int64_t cur = first_nan.load();
+          while (ch.tensor < cur && !first_nan.compare_exchange_weak(cur, ch.tensor)) {
+          }
+        }
+      }
+      out.resize(stored);
+    });
+    if (first_nan.load() != std::numeric_limits<int64_t>::max()) {
+      report_nan(first_nan.load(), threshold, stats);
+      return true;
+    }
+    int64_t above = 0, inside = 0;
+    bool complete = true;
+    for (int t = 0; t < nthreads; ++t) {
+      above += counts[t].above;
+      inside += counts[t].inside;
+      complete = complete && !full[t];
+    }
+    if (!(above < k && k <= above + inside)) {
+      range_retarget(guess, k, above, inside);
+      guess.n_bucket = -1;  // unknown until the next pass
+      return false;
+    }
+    guess.k_rem = k - above;
+    guess.n_greater = above;
+    guess.n_bucket = inside;
+    if (!complete) return false;
+    SelectInputs among;
+    among.kind = ScoreKind::Value;
+    among.total = inside;
+    for (auto& v : kept) {
+      if (v.empty()) continue;
+      TensorView view;
+      view.data = v.data();
+      view.numel = view.sizes[0] = static_cast<int64_t>(v.size());
+      view.strides[0] = 1;
+      among.a.push_back(view);
+    }
+    CpuSelect<C>(among).run(k - above, threshold, stats);
+    stats[kNumGreater] += above;
+    return true;
+  }
+
+  // The float bound of a key range's end (keys beyond the infinities: the infinity itself).
+  static C bound_of(K key, bool upper) {
+    constexpr C inf = std::numeric_limits<C>::infinity();
+    if (!upper) return key <= to_key(-inf) ? -inf : from_key<C>(key);
+    return key >= to_key(inf) ? inf : from_key<C>(key);
+  }
+
+  // run(kind, a, b, n) over the chunk's scores: straight from the tensors where they are contiguous
+  // float32, else from blocks of computed scores (then as values: kind Value, b = a).
+  template <class Run>
+  void filter_chunk(const Chunk& ch, Run& run) const {
+    const TensorView& a = in_.a[ch.tensor];
+    const TensorView* b = b_of(in_, ch.tensor);
+    const auto computed = [&](int64_t begin, int64_t end) {
+      for_each_score_of<C>(in_.kind, a, b, begin, end,
+                           [&](const C* s, int64_t m, int64_t) { run(ScoreKind::Value, s, s, m); });
+    };
+    if (a.dtype != DType::Float32 || (b != nullptr && b->dtype != DType::Float32)) return computed(ch.begin, ch.end);
+    const float* pa = static_cast<const float*>(a.data);
+    const float* pb = b ? static_cast<const float*>(b->data) : pa;
+    for_each_pair_run(a, b, ch.begin, ch.end, [&](int64_t oa, int64_t sa, int64_t ob, int64_t sb, int64_t n, int64_t flat) {
+      if (sa == 1 && sb == 1) {
+        run(in_.kind, pa + oa, pb + ob, n);
+      } else {
+        computed(flat, flat + n);
+      }
+    });
   }
 
   // A key range likely to hold the k-th largest key: the order statistics of a deterministic

@@ -86,3 +86,55 @@ def test_more_than_2_31_elements_over_many_tensors():
     for i, mask in enumerate(masks):
         assert int(mask.sum()) == 1000 + (i < 7)
         assert bool(mask[where]) == (i < 7)
+
+
+# The filtering first pass of float32 selection (csrc/select/filter_cpu.cpp) keeps the scores of the
+# sampled range and selects among them; too many kept scores (ties, a lying sample) hand over to the
+# histogram passes. Each case below takes one of those paths.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_filter_pass_with_few_distinct_values_hands_over_to_the_histogram_passes(dtype):
+    pool = torch.tensor([0.25, 0.5, 0.75], dtype=dtype)
+    a = [pool[torch.randint(3, (SAMPLED,))], torch.randn(SAMPLED // 3).to(dtype)]
+    n = sum(x.numel() for x in a)
+    for k in (5, SAMPLED // 3, SAMPLED // 2, SAMPLED, n - 1):
+        check(a, [], "abs", k)
+
+
+def test_filter_pass_kept_scores_numerous_enough_to_be_filtered_again():
+    """2^23 scores: the kept few percent exceed the sampling threshold themselves."""
+    a = [torch.randn(1 << 23)]
+    for k in (1 << 22, (1 << 23) // 10):
+        check(a, [], "abs", k)
+
+
+@pytest.mark.parametrize("score", ["abs", "product", "abs_product", "square_times_abs", "value"])
+def test_filter_pass_every_score_kind_with_strided_and_narrow_tensors(score):
+    g = torch.Generator().manual_seed(3)
+    a = [
+        torch.randn(SAMPLED // 2, generator=g),
+        torch.randn(2000, 300, generator=g).t(),  # strided: scores computed into blocks first
+        torch.randn(SAMPLED // 4, generator=g).to(torch.bfloat16),
+        torch.randn(13, generator=g),  # shorter than a vector
+    ]
+    b = [torch.randn(x.shape, generator=g).to(x.dtype) for x in a] if score in ("product", "abs_product", "square_times_abs") else []
+    n = sum(x.numel() for x in a)
+    for k in (1, n // 7, n // 2, n - 3):
+        check(a, b, score, k)
+
+
+def test_filter_pass_infinities_signed_zeros_and_nan():
+    x = torch.randn(SAMPLED)
+    x[::1000] = float("inf")
+    x[1::1000] = -float("inf")
+    x[2::3] = 0.0
+    x[5::7] = -0.0
+    n = x.numel()
+    for k in (1, n // 1000, n // 2, n - n // 1000 + 5, n):
+        check([x], [], "value", k)
+        check([x], [], "abs", k)
+    y = torch.randn(SAMPLED)
+    y[SAMPLED - 2] = float("nan")  # the NaN sits in the last vector of the pass
+    _, stats = kf.ops.select_threshold([torch.randn(SAMPLED), y, torch.full((3,), float("nan"))], [], "abs", 10)
+    assert stats[3].item() == 1
