@@ -30,16 +30,27 @@
 #include "common/chunks.h"
 #include "common/cpu_loops.h"
 #include "select/filter_cpu.h"
+#include "select/filter_pass.h"
 #include "select/select_args.h"
 
 namespace koopfast {
 namespace {
 
 constexpr int kDigitWidth = 16;                        // at most 2^16 bins per pass
-constexpr int kSmallDigitWidth = 8;                    // for inputs too small to amortize 2^16 bins
+constexpr int kSmallDigitWidth = 11;                   // for inputs too small to amortize 2^16 bins
 constexpr int64_t kSmallInput = int64_t{1} << 18;
-constexpr int64_t kSampleMinInput = int64_t{1} << 18;  // below this, no sampling
+constexpr int kTinyDigitWidth = 8;                     // and for those too small to amortize 2^11
+constexpr int64_t kTinyInput = int64_t{1} << 12;
+// Inputs from kSampleMinInput elements on are sampled: kSampleSize elements, or one in
+// kSampleStride of them if that is fewer (small tensors, selected one per thread in
+// select_threshold_per_tensor, would otherwise spend more time on their sample than on the data).
+constexpr int64_t kSampleMinInput = int64_t{1} << 14;
 constexpr int64_t kSampleSize = 8192;
+constexpr int64_t kSampleStride = 32;
+constexpr int64_t kSampleRun = 16;  // consecutive scores per sampled place (a cache line of float32)
+// A sample whose range is expected to hold more than this fraction of the input is not worth
+// taking: the histogram passes go straight at it (small inputs, and the kept scores of a filter).
+constexpr double kMaxSampledFraction = 1.0 / 8;
 
 const TensorView* b_of(const SelectInputs& in, int64_t t) { return in.b.empty() ? nullptr : &in.b[t]; }
 
@@ -51,13 +62,17 @@ class CpuSelect {
   explicit CpuSelect(const SelectInputs& in) : in_(in), chunks_(make_chunks(in.a)) {}
 
   // Fills threshold (0-dim C) and stats (int64[kNumSelectStats]).
-  void run(int64_t k, C* threshold, int64_t* stats) {
+  // Every score is known to lie in the key range [lo, hi] (the caller's knowledge: the whole key
+  // range by default, the sampled range for the scores kept by a filtering pass).
+  void run(int64_t k, C* threshold, int64_t* stats, K lo = K(0), K hi = ~K(0)) {
     RangeState<K> st;
+    st.lo = lo;
+    st.hi = hi;
     st.k_rem = k;
     st.n_bucket = in_.total;
-    const int width = in_.total < kSmallInput ? kSmallDigitWidth : kDigitWidth;
+    const int width = in_.total < kTinyInput ? kTinyDigitWidth : in_.total < kSmallInput ? kSmallDigitWidth : kDigitWidth;
     bool first = true;
-    if (in_.total >= kSampleMinInput) {
+    if (worth_sampling(k)) {
       // Speculate on a sampled range; if it misses, keep the counts and go where the target is.
       RangeState<K> guess = sample_guess(k);
       first = false;
@@ -190,65 +205,29 @@ class CpuSelect {
   // The fast first pass (float32 scores, a CPU with a vector filter): one filtering pass over the
   // sampled range `guess` that counts the scores above it and keeps those inside, then the target
   // is selected among the kept ones alone (a few percent of the input, in cache). Returns true with
-  // threshold and stats filled, or false with st_ set up for the histogram passes: the counts of the
-  // pass are kept (a NaN is reported then too, through stats, and true returned).
+  // threshold and stats filled (a NaN reported too), or false with guess set up for the histogram
+  // passes, which keep the counts of this pass.
   bool select_among_candidates(FilterFn filter, RangeState<K>& guess, int64_t k, C* threshold, int64_t* stats) {
-    const C lo_f = bound_of(guess.lo, false);
-    const C hi_f = bound_of(guess.hi, true);
-    const int nthreads = at::get_num_threads();
-    // The kept scores may take at most an eighth of the input's elements (a sample that lies, or
-    // many ties, fill more: then the histogram passes take over, with the counts of this pass).
-    const int64_t cap = std::max<int64_t>(in_.total / 8, 1);
-    std::atomic<int64_t> kept_total{0};
-    std::vector<std::vector<float>> kept(static_cast<size_t>(nthreads));
-    std::vector<FilterCounts> counts(static_cast<size_t>(nthreads));
-    std::vector<char> full(static_cast<size_t>(nthreads), 0);
-    std::atomic<int64_t> first_nan{std::numeric_limits<int64_t>::max()};
-    at::parallel_for(0, static_cast<int64_t>(chunks_.size()), 1, [&](int64_t cb, int64_t ce) {
-      const int tid = at::get_thread_num();
-      std::vector<float>& out = kept[tid];
-      FilterCounts& cnt = counts[tid];
-      size_t stored = out.size();
-      const auto run = [&](ScoreKind kind, const float* pa, const float* pb, int64_t n) {
-        float* dst = nullptr;
-        if (!full[tid]) {
-          if (kept_total.load(std::memory_order_relaxed) + n > cap) {
-            full[tid] = 1;
-          } else {
-            if (out.size() < stored + static_cast<size_t>(n) + 8) out.resize(2 * (stored + static_cast<size_t>(n) + 8));
-            dst = out.data() + stored;
-          }
-        }
-        const int64_t before = cnt.inside;
-        filter(kind, pa, pb, n, lo_f, hi_f, dst, cnt);
-        if (dst != nullptr) {
-          stored += static_cast<size_t>(cnt.inside - before);
-          kept_total.fetch_add(cnt.inside - before, std::memory_order_relaxed);
-        }
-      };
-      for (int64_t c = cb; c < ce; ++c) {
-        const Chunk& ch = chunks_[c];
-        const int64_t nan_before = cnt.nan;
-        filter_chunk(ch, run);
-        if (cnt.nan > nan_before) {
-          int64_t cur = first_nan.load();
-          while (ch.tensor < cur && !first_nan.compare_exchange_weak(cur, ch.tensor)) {
-          }
-        }
-      }
-      out.resize(stored);
-    });
-    if (first_nan.load() != std::numeric_limits<int64_t>::max()) {
-      report_nan(first_nan.load(), threshold, stats);
+    FilterPass pass(in_, std::vector<int64_t>(in_.a.size(), 0), {filter_segment(guess)}, filter);
+    const FilteredSegment r = std::move(pass.run()[0]);
+    return finish_filtered(r, guess, k, threshold, stats);
+  }
+
+ public:
+  // The filtering pass's view of a guessed range: its float bounds, and at most a quarter of the
+  // input kept, twice what a sample is allowed to expect (a sample that lies, or many ties, fill
+  // more: then the histogram passes take over).
+  FilterSegment filter_segment(const RangeState<K>& guess) const {
+    return {bound_of(guess.lo, false), bound_of(guess.hi, true), std::max<int64_t>(in_.total / 4, 1)};
+  }
+
+  // After the filtering pass r over the guessed range: as select_among_candidates.
+  static bool finish_filtered(const FilteredSegment& r, RangeState<K>& guess, int64_t k, C* threshold, int64_t* stats) {
+    if (r.nan_tensor >= 0) {
+      report_nan(r.nan_tensor, threshold, stats);
       return true;
     }
-    int64_t above = 0, inside = 0;
-    bool complete = true;
-    for (int t = 0; t < nthreads; ++t) {
-      above += counts[t].above;
-      inside += counts[t].inside;
-      complete = complete && !full[t];
-    }
+    const int64_t above = r.counts.above, inside = r.counts.inside;
     if (!(above < k && k <= above + inside)) {
       range_retarget(guess, k, above, inside);
       guess.n_bucket = -1;  // unknown until the next pass
@@ -257,19 +236,12 @@ class CpuSelect {
     guess.k_rem = k - above;
     guess.n_greater = above;
     guess.n_bucket = inside;
-    if (!complete) return false;
+    if (!r.complete) return false;
     SelectInputs among;
     among.kind = ScoreKind::Value;
     among.total = inside;
-    for (auto& v : kept) {
-      if (v.empty()) continue;
-      TensorView view;
-      view.data = v.data();
-      view.numel = view.sizes[0] = static_cast<int64_t>(v.size());
-      view.strides[0] = 1;
-      among.a.push_back(view);
-    }
-    CpuSelect<C>(among).run(k - above, threshold, stats);
+    among.a = r.kept;
+    CpuSelect<C>(among).run(k - above, threshold, stats, guess.lo, guess.hi);
     stats[kNumGreater] += above;
     return true;
   }
@@ -281,64 +253,77 @@ class CpuSelect {
     return key >= to_key(inf) ? inf : from_key<C>(key);
   }
 
-  // run(kind, a, b, n) over the chunk's scores: straight from the tensors where they are contiguous
-  // float32, else from blocks of computed scores (then as values: kind Value, b = a).
-  template <class Run>
-  void filter_chunk(const Chunk& ch, Run& run) const {
-    const TensorView& a = in_.a[ch.tensor];
-    const TensorView* b = b_of(in_, ch.tensor);
-    const auto computed = [&](int64_t begin, int64_t end) {
-      for_each_score_of<C>(in_.kind, a, b, begin, end,
-                           [&](const C* s, int64_t m, int64_t) { run(ScoreKind::Value, s, s, m); });
-    };
-    if (a.dtype != DType::Float32 || (b != nullptr && b->dtype != DType::Float32)) return computed(ch.begin, ch.end);
-    const float* pa = static_cast<const float*>(a.data);
-    const float* pb = b ? static_cast<const float*>(b->data) : pa;
-    for_each_pair_run(a, b, ch.begin, ch.end, [&](int64_t oa, int64_t sa, int64_t ob, int64_t sb, int64_t n, int64_t flat) {
-      if (sa == 1 && sb == 1) {
-        run(in_.kind, pa + oa, pb + ob, n);
-      } else {
-        computed(flat, flat + n);
-      }
-    });
+  // Whether a sample is worth taking for the k-th largest of these inputs.
+  bool worth_sampling(int64_t k) const {
+    return in_.total >= kSampleMinInput && sample_fraction(k) <= kMaxSampledFraction;
   }
 
-  // A key range likely to hold the k-th largest key: the order statistics of a deterministic
-  // stratified sample 4 standard deviations on either side of the target rank.
+  int64_t sample_size() const { return std::min(kSampleSize, in_.total / kSampleStride) / kSampleRun * kSampleRun; }
+
+  // Half the width, in sample ranks, of the sampled range around the target rank.
+  double sample_delta(int64_t k) const {
+    const double q = static_cast<double>(k) / static_cast<double>(in_.total);
+    return 4.0 * std::sqrt(static_cast<double>(sample_size()) * q * (1.0 - q)) + 4.0;
+  }
+
+  // The fraction of the input expected inside the sampled range.
+  double sample_fraction(int64_t k) const { return (2.0 * sample_delta(k) + 1.0) / static_cast<double>(sample_size()); }
+
   RangeState<K> sample_guess(int64_t k) const {
     const int64_t n = in_.total;
-    const int64_t m = std::min(kSampleSize, n);
-    const int64_t stratum = n / m;
+    const int64_t m = sample_size();
+    // Runs of kSampleRun consecutive scores, one at a random place in each of m / kSampleRun equal
+    // strata: a cache line serves a whole run (these reads are latency-bound).
+    const int64_t runs = m / kSampleRun;
+    const int64_t stratum = n / runs;
     std::vector<int64_t> starts(in_.a.size() + 1, 0);  // first global index of each tensor
     for (size_t t = 0; t < in_.a.size(); ++t) starts[t + 1] = starts[t] + in_.a[t].numel;
-    std::vector<int64_t> positions(static_cast<size_t>(m));
+    std::vector<int64_t> positions(static_cast<size_t>(runs));
     uint64_t rng = 0x9E3779B97F4A7C15ull;
-    for (int64_t j = 0; j < m; ++j) {
+    for (int64_t j = 0; j < runs; ++j) {
       rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-      positions[j] = j * stratum + static_cast<int64_t>((rng >> 33) % static_cast<uint64_t>(stratum));
+      positions[j] = j * stratum + static_cast<int64_t>((rng >> 33) % static_cast<uint64_t>(stratum - kSampleRun + 1));
     }
     std::vector<K> keys(static_cast<size_t>(m));
-    at::parallel_for(0, m, 256, [&](int64_t jb, int64_t je) {  // random reads: latency-bound
+    at::parallel_for(0, runs, 32, [&](int64_t jb, int64_t je) {
       for (int64_t j = jb; j < je; ++j) {
-        const int64_t t = std::upper_bound(starts.begin(), starts.end(), positions[j]) - starts.begin() - 1;
-        const int64_t i = positions[j] - starts[t];
-        for_each_score_of<C>(in_.kind, in_.a[t], b_of(in_, t), i, i + 1,
-                             [&](const C* s, int64_t, int64_t) { keys[j] = to_key(s[0]); });
+        int64_t pos = positions[j];
+        K* out = keys.data() + j * kSampleRun;
+        while (pos < positions[j] + kSampleRun) {  // a run may cross into the next tensor
+          const int64_t t = std::upper_bound(starts.begin(), starts.end(), pos) - starts.begin() - 1;
+          const int64_t i = pos - starts[t];
+          const int64_t len = std::min(positions[j] + kSampleRun - pos, in_.a[t].numel - i);
+          for_each_score_of<C>(in_.kind, in_.a[t], b_of(in_, t), i, i + len, [&](const C* sc, int64_t cnt, int64_t) {
+            for (int64_t q = 0; q < cnt; ++q) *out++ = to_key(sc[q]);
+          });
+          pos += len;
+        }
       }
     });
-    std::sort(keys.begin(), keys.end(), [](K x, K y) { return x > y; });
-    const double q = static_cast<double>(k) / static_cast<double>(n);
-    const double p = q * static_cast<double>(m);
-    const double delta = 4.0 * std::sqrt(static_cast<double>(m) * q * (1.0 - q)) + 4.0;
-    const auto at_rank = [&](double x) {
-      return keys[static_cast<size_t>(std::clamp<double>(x, 0.0, static_cast<double>(m - 1)))];
+    const double p = static_cast<double>(k) / static_cast<double>(n) * static_cast<double>(m);
+    const double delta = sample_delta(k);
+    // Two order statistics (descending) by partial selection: a full sort of the sample costs
+    // more than filtering a small tensor.
+    const auto at_rank = [&](double x, size_t from) {
+      const size_t r = static_cast<size_t>(std::clamp<double>(x, static_cast<double>(from), static_cast<double>(m - 1)));
+      std::nth_element(keys.begin() + static_cast<std::ptrdiff_t>(from), keys.begin() + static_cast<std::ptrdiff_t>(r),
+                       keys.end(), [](K a, K b) { return a > b; });
+      return std::pair<K, size_t>{keys[r], r};
     };
     RangeState<K> guess;
-    guess.hi = p - delta < 0.0 ? ~K(0) : at_rank(std::floor(p - delta));
-    guess.lo = p + delta > static_cast<double>(m - 1) ? K(0) : at_rank(std::ceil(p + delta));
+    size_t hi_rank = 0;
+    if (p - delta >= 0.0) {
+      const auto [key, rank] = at_rank(std::floor(p - delta), 0);
+      guess.hi = key;
+      hi_rank = rank;  // keys[hi_rank + 1, m) are all <= keys[hi_rank]: the next rank is among them
+    }
+    if (p + delta <= static_cast<double>(m - 1)) {
+      guess.lo = p - delta >= 0.0 ? at_rank(std::ceil(p + delta), hi_rank + 1).first : at_rank(std::ceil(p + delta), 0).first;
+    }
     return guess;
   }
 
+ private:
   const SelectInputs& in_;
   const std::vector<Chunk> chunks_;
   std::vector<int64_t> hist_;
@@ -365,16 +350,36 @@ std::tuple<at::Tensor, at::Tensor> select_threshold_cpu(at::TensorList a, at::Te
 // are spread over the threads, one thread per tensor (nested parallel regions run inline).
 constexpr int64_t kOwnThreadsMin = int64_t{1} << 20;
 
-// select_threshold over in.a[t] alone (compute dtype: in's), for k in [0, numel]. k = 0 (and an
-// empty tensor) gives threshold +inf with stats (0, number of scores equal to +inf, 0, NaN).
-template <class C>
-void select_one(const SelectInputs& in, size_t t, int64_t k, C* threshold, int64_t* stats) {
+// f(i) for i in [0, n), split into one contiguous group per thread of about equal weight(i) in all
+// (a thread each for many small tasks of uneven cost).
+template <class W, class F>
+void parallel_weighted(int64_t n, W&& weight, F&& f) {
+  const int nthreads = at::get_num_threads();
+  std::vector<int64_t> before(static_cast<size_t>(n) + 1, 0);
+  for (int64_t i = 0; i < n; ++i) before[i + 1] = before[i] + weight(i);
+  at::parallel_for(0, nthreads, 1, [&](int64_t gb, int64_t ge) {
+    const auto first = std::lower_bound(before.begin(), before.end() - 1, before.back() * gb / nthreads);
+    const auto last = std::lower_bound(before.begin(), before.end() - 1, before.back() * ge / nthreads);
+    for (auto it = first; it < last; ++it) f(static_cast<int64_t>(it - before.begin()));
+  });
+}
+
+// The inputs of select_threshold over in.a[t] alone.
+SelectInputs one_tensor(const SelectInputs& in, size_t t) {
   SelectInputs one;
   one.a = {in.a[t]};
   if (!in.b.empty()) one.b = {in.b[t]};
   one.kind = in.kind;
   one.wide = in.wide;
   one.total = in.a[t].numel;
+  return one;
+}
+
+// select_threshold over in.a[t] alone (compute dtype: in's), for k in [0, numel]. k = 0 (and an
+// empty tensor) gives threshold +inf with stats (0, number of scores equal to +inf, 0, NaN).
+template <class C>
+void select_one(const SelectInputs& in, size_t t, int64_t k, C* threshold, int64_t* stats) {
+  const SelectInputs one = one_tensor(in, t);
   constexpr C inf = std::numeric_limits<C>::infinity();
   if (one.total == 0) {
     *threshold = inf;
@@ -391,28 +396,60 @@ void select_one(const SelectInputs& in, size_t t, int64_t k, C* threshold, int64
   }
 }
 
+// The tensors worth sampling (float32 scores, a CPU with a vector filter) are selected together:
+// a sample per tensor, one filtering pass over all of them (each tensor with its own range), then
+// per tensor a selection among its kept scores. Returns whether tensor t is done; the others
+// (small tensors, samples that missed) are left to select_one.
+std::vector<char> select_per_tensor_filtered(const SelectInputs& in, const std::vector<int64_t>& k, float* thresholds,
+                                             int64_t* stats, FilterFn filter) {
+  using K = KeyOf<float>::type;
+  const size_t n = in.a.size();
+  std::vector<char> done(n, 0);
+  std::vector<size_t> sampled;
+  std::vector<SelectInputs> singles(n);
+  for (size_t t = 0; t < n; ++t) {
+    singles[t] = one_tensor(in, t);
+    if (k[t] >= 1 && CpuSelect<float>(singles[t]).worth_sampling(k[t])) sampled.push_back(t);
+  }
+  if (sampled.empty()) return done;
+  std::vector<RangeState<K>> guesses(sampled.size());
+  std::vector<FilterSegment> segments(sampled.size());
+  std::vector<int64_t> segment_of(n, -1);
+  const int64_t count = static_cast<int64_t>(sampled.size());
+  parallel_weighted(count, [&](int64_t i) { return CpuSelect<float>(singles[sampled[i]]).sample_size(); }, [&](int64_t i) {
+    const CpuSelect<float> one(singles[sampled[i]]);
+    guesses[i] = one.sample_guess(k[sampled[i]]);
+    segments[i] = one.filter_segment(guesses[i]);
+  });
+  for (size_t i = 0; i < sampled.size(); ++i) segment_of[sampled[i]] = static_cast<int64_t>(i);
+  FilterPass pass(in, std::move(segment_of), std::move(segments), filter);
+  const std::vector<FilteredSegment> filtered = pass.run();
+  parallel_weighted(count, [&](int64_t i) { return filtered[i].counts.inside + 1; }, [&](int64_t i) {
+    const size_t t = sampled[i];
+    done[t] = CpuSelect<float>::finish_filtered(filtered[i], guesses[i], k[t], thresholds + t,
+                                                stats + t * kNumSelectStats);
+  });
+  return done;
+}
+
 template <class C>
 void select_per_tensor(const SelectInputs& in, const std::vector<int64_t>& k, C* thresholds, int64_t* stats) {
+  std::vector<char> done(in.a.size(), 0);
+  if constexpr (std::is_same_v<C, float>) {
+    if (const FilterFn filter = fast_filter()) done = select_per_tensor_filtered(in, k, thresholds, stats, filter);
+  }
   std::vector<size_t> small;
   for (size_t t = 0; t < in.a.size(); ++t) {
+    if (done[t]) continue;
     if (in.a[t].numel >= kOwnThreadsMin) {
       select_one<C>(in, t, k[t], thresholds + t, stats + t * kNumSelectStats);
     } else {
       small.push_back(t);
     }
   }
-  // Split the small tensors into one contiguous group per thread holding about equal elements.
-  const int nthreads = at::get_num_threads();
-  std::vector<int64_t> before(small.size() + 1, 0);
-  for (size_t i = 0; i < small.size(); ++i) before[i + 1] = before[i] + in.a[small[i]].numel + 1;
-  at::parallel_for(0, nthreads, 1, [&](int64_t gb, int64_t ge) {
-    const auto first = std::lower_bound(before.begin(), before.end() - 1, before.back() * gb / nthreads);
-    const auto last = std::lower_bound(before.begin(), before.end() - 1, before.back() * ge / nthreads);
-    for (auto it = first; it < last; ++it) {
-      const size_t t = small[static_cast<size_t>(it - before.begin())];
-      select_one<C>(in, t, k[t], thresholds + t, stats + t * kNumSelectStats);
-    }
-  });
+  parallel_weighted(
+      static_cast<int64_t>(small.size()), [&](int64_t i) { return in.a[small[i]].numel + 1; },
+      [&](int64_t i) { select_one<C>(in, small[i], k[small[i]], thresholds + small[i], stats + small[i] * kNumSelectStats); });
 }
 
 std::tuple<at::Tensor, at::Tensor> select_threshold_per_tensor_cpu(at::TensorList a, at::TensorList b,

@@ -142,6 +142,25 @@ def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
     return max(peak, 0) * 1024
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeat: int, warmup: int = 1
+) -> dict[str, Timing]:
+    """Median and minimum time of each fn, run in turn (one of each per round): on a shared, noisy
+    machine every method sees the same slow and fast moments, so that their ratios hold."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: Timing(statistics.median(ts), min(ts), repeat) for name, ts in times.items()}
+
+
 def measure(
     fn: Callable[[], Any],
     *,

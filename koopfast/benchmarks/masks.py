@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import copy
 import io
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -32,7 +30,14 @@ from torch.nn.utils import prune as torch_prune
 
 import koopfast as kf
 from koopfast._torch_compat import foreach_copy_, foreach_mul_
-from koopfast.benchmarks.harness import Row, Timing, fill_ratios, peak_extra_bytes, row_of, synchronize, time_fn
+from koopfast.benchmarks.harness import (
+    Row,
+    fill_ratios,
+    peak_extra_bytes,
+    row_of,
+    time_fn,
+    time_interleaved,
+)
 from koopfast.benchmarks.select import model_like
 
 APPLY_BASELINE = "loop p.mul_(mask)"
@@ -330,23 +335,6 @@ def overhead_cases(quick: bool) -> Iterator[OverheadCase]:
     yield OverheadCase(layers, width, batch, train=False)
     for optimizer in OPTIMIZERS:
         yield OverheadCase(layers, width, batch, train=True, optimizer=optimizer)
-
-
-def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeat: int, warmup: int = 1):
-    """Median and minimum time of each fn, run in turn (one of each per round): on a shared, noisy
-    machine every method sees the same slow and fast moments, so that their ratios hold."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    synchronize(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            synchronize(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: Timing(statistics.median(ts), min(ts), repeat) for name, ts in times.items()}
 
 
 def run_overhead(device: torch.device, *, quick: bool = False, repeat: int | None = None) -> list[Row]:

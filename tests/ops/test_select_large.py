@@ -15,7 +15,7 @@ SAMPLE_SIZE = 8192
 def sampled_positions(n: int) -> torch.Tensor:
     """The positions the CPU select samples (csrc/select/select_cpu.cpp, sample_guess): a white-box
     copy, so that tests can plant values exactly where the sample looks."""
-    m = min(SAMPLE_SIZE, n)
+    m = min(SAMPLE_SIZE, n // 32)
     stratum = n // m
     rng, out = 0x9E3779B97F4A7C15, []
     for j in range(m):

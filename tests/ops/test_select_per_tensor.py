@@ -16,7 +16,7 @@ SCORES = ["value", "abs", "product", "abs_product", "square_times_abs"]
 BINARY = {"product", "abs_product", "square_times_abs"}
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 CHUNK = 1 << 16  # csrc/common/chunks.h
-SAMPLED = 1 << 18  # the CPU select samples from this size on
+SAMPLED = 1 << 18  # the CPU select samples tensors of this size (from 2^14 on, where the sample is narrow)
 OWN_THREADS = 1 << 20  # the CPU op selects tensors from this size on with all threads
 
 
@@ -173,3 +173,30 @@ def test_errors_name_the_op_the_argument_and_what_came(device):
         kf.ops.topk_mask_per_tensor([x, x], [], "abs", thresholds[:1], stats)
     with pytest.raises(ValueError, match=rf"{op}: expected stats to have shape \[2, 4\], got \[2, 3\]"):
         kf.ops.topk_mask_per_tensor([x, x], [], "abs", thresholds, stats[:, :3])
+
+
+def test_tensors_filtered_together_in_one_pass_each_with_its_own_range(device):
+    """The CPU op samples every tensor of 2^14 elements or more, filters all of them in one pass
+    (each against its own sampled range) and selects among each tensor's kept scores: tensors of
+    different scales, ties, infinities, strides and dtypes side by side, k from 0 to numel."""
+    gen = torch.Generator().manual_seed(11)
+    pool = torch.tensor([0.5, 1.5, 2.5])
+    a = [
+        torch.randn(1 << 14, generator=gen) * 1e-3,
+        torch.randn(3 * CHUNK + 5, generator=gen) * 10.0,  # a chunk shared with its neighbours
+        pool[torch.randint(3, (CHUNK,), generator=gen)],  # the kept scores exceed the cap: histogram
+        torch.randn(300, 700, generator=gen).t(),  # strided
+        torch.randn(1 << 15, generator=gen).to(torch.bfloat16).float(),
+        torch.cat([torch.full((100,), float("inf")), torch.randn(1 << 15, generator=gen)]),
+        torch.randn(100, generator=gen),  # not sampled
+    ]
+    a = [x.to(device) for x in a]
+    rules = (lambda n: n // 10, lambda n: n // 2, lambda n: 0, lambda n: n, lambda n: 1, lambda n: n - 1, lambda n: 100)
+    for rule in rules:
+        check(a, [], "abs", [min(rule(x.numel()), x.numel()) for x in a])
+    check(a, [torch.randn(x.shape, generator=gen).to(device) for x in a], "product", [x.numel() // 3 for x in a])
+    nan = [x.clone() for x in a]
+    nan[1][CHUNK + 7] = float("nan")
+    nan[3][5, 2] = float("nan")
+    _, stats = kf.ops.select_threshold_per_tensor(nan, [], "abs", [x.numel() // 2 for x in a])
+    assert stats[:, 3].tolist() == [-1, 0, -1, 0, -1, -1, -1]
