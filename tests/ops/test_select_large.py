@@ -10,17 +10,21 @@ from koopfast import reference
 
 SAMPLED = 1 << 21  # well above the CPU select's sampling threshold (2^18)
 SAMPLE_SIZE = 8192
+SAMPLE_RUN = 16
 
 
 def sampled_positions(n: int) -> torch.Tensor:
     """The positions the CPU select samples (csrc/select/select_cpu.cpp, sample_guess): a white-box
-    copy, so that tests can plant values exactly where the sample looks."""
-    m = min(SAMPLE_SIZE, n // 32)
-    stratum = n // m
+    copy, so that tests can plant values exactly where the sample looks. Runs of SAMPLE_RUN
+    consecutive positions, one at a random place in each of m / SAMPLE_RUN equal strata."""
+    m = min(SAMPLE_SIZE, n // 32) // SAMPLE_RUN * SAMPLE_RUN
+    runs = m // SAMPLE_RUN
+    stratum = n // runs
     rng, out = 0x9E3779B97F4A7C15, []
-    for j in range(m):
+    for j in range(runs):
         rng = (rng * 6364136223846793005 + 1442695040888963407) % (1 << 64)
-        out.append(j * stratum + (rng >> 33) % stratum)
+        start = j * stratum + (rng >> 33) % (stratum - SAMPLE_RUN + 1)
+        out.extend(range(start, start + SAMPLE_RUN))
     return torch.tensor(out)
 
 
@@ -118,7 +122,8 @@ def test_filter_pass_every_score_kind_with_strided_and_narrow_tensors(score):
         torch.randn(SAMPLED // 4, generator=g).to(torch.bfloat16),
         torch.randn(13, generator=g),  # shorter than a vector
     ]
-    b = [torch.randn(x.shape, generator=g).to(x.dtype) for x in a] if score in ("product", "abs_product", "square_times_abs") else []
+    binary = score in ("product", "abs_product", "square_times_abs")
+    b = [torch.randn(x.shape, generator=g).to(x.dtype) for x in a] if binary else []
     n = sum(x.numel() for x in a)
     for k in (1, n // 7, n // 2, n - 3):
         check(a, b, score, k)
