@@ -9,12 +9,15 @@ Three comparisons, each against what a PyTorch user writes today:
 - global: ``koopfast.prune.global_unstructured`` against ``torch.nn.utils.prune.global_unstructured``
   (L1, 90 %) on a stack of Linear layers, time and peak extra memory; and koopfast's lean way
   (``global_topk`` + ``Masked``). Each run starts from an unpruned copy of the model.
-- overhead: a forward pass and a training step (forward, backward, SGD with momentum; AdamW) of
+- overhead: a forward pass and a training step (forward, backward, SGD with momentum; AdamW, its
+  default loop and fused=True) of
   a model pruned with torch.nn.utils.prune's forward pre-hooks, of the same model under
   ``koopfast.masks.Masked`` (one fused gradient pass; and forced to re-mask after every step as
   well, what optimizers outside ``kf.masks.ZERO_PRESERVING`` get), and of the dense model, timed in
   turn (one step of each per round) so that a noisy machine slows them alike; notes give the
-  overhead over dense by median and by minimum.
+  overhead over dense by median and by minimum. Next to them, ``torch.sqrt`` of a dense second
+  moment and of one with the exact zeros of 90 % pruned entries (what AdamW's default loop takes
+  the root of every step).
 """
 
 from __future__ import annotations
@@ -262,6 +265,9 @@ MASKED_TWO_PASSES = "koopfast Masked, re-mask after step (remask_after_step=True
 OPTIMIZERS: dict[str, Callable] = {
     "SGD momentum": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9),
     "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.01),
+    # torch's fused CPU kernel: its own vectorized math, where the default loop's torch.sqrt runs
+    # ~6x slower on the exact zeros of a pruned entry's second moment (bench/RESULTS.md, issue 15)
+    "AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.01, fused=True),
 }
 
 
@@ -400,11 +406,29 @@ def _row(family, case, method, n, device, t, moved, peak) -> Row:
     return row_of(t, peak, family=f"masks/{family}", case=case, method=method, n=n, device=device, bytes_moved=moved)
 
 
+SQRT_CASE = "torch.sqrt of an Adam second moment"
+SQRT_DENSE = "torch.sqrt, dense"
+
+
+def run_sqrt_of_zeros(device: torch.device, *, quick: bool = False, repeat: int | None = None) -> list[Row]:
+    """torch.sqrt over a second moment without and with the exact zeros of 90 % pruned entries:
+    the part of AdamW's default step that a pruned model makes slower, whatever keeps it pruned."""
+    n = 10**6 if quick else 4 * 10**6
+    g = torch.Generator().manual_seed(0)
+    dense = (torch.rand(n, generator=g) * 1e-6).to(device)
+    zeros = dense * (torch.rand(n, generator=g) < 0.1).to(device)
+    fns = {SQRT_DENSE: lambda: torch.sqrt(dense), "torch.sqrt, 90 % exact zeros": lambda: torch.sqrt(zeros)}
+    timings = time_interleaved(fns, device, repeat or 15)
+    rows = [_row("sqrt", SQRT_CASE, m, n, device, timings[m], 2 * n * 4, None) for m in fns]
+    return fill_ratios(rows, SQRT_DENSE)
+
+
 def run(device: torch.device, *, quick: bool = False, repeat: int | None = None, large: bool = False) -> list[Row]:
     return (
         run_apply(device, quick=quick, repeat=repeat, large=large)
         + run_global(device, quick=quick, repeat=repeat)
         + run_overhead(device, quick=quick, repeat=repeat)
+        + run_sqrt_of_zeros(device, quick=quick, repeat=repeat)
     )
 
 
