@@ -111,16 +111,76 @@ KF_AVX2 void filter(ScoreKind kind, const float* a, const float* b, int64_t n, f
   }
 }
 
+// 32 compare results (four vectors of 32-bit all-ones or zero lanes) as 32 bytes 1 or 0, in order.
+KF_AVX2 inline __m256i bytes_of(__m256 c0, __m256 c1, __m256 c2, __m256 c3) {
+  const __m256i p01 = _mm256_packs_epi32(_mm256_castps_si256(c0), _mm256_castps_si256(c1));
+  const __m256i p23 = _mm256_packs_epi32(_mm256_castps_si256(c2), _mm256_castps_si256(c3));
+  const __m256i b = _mm256_packs_epi16(p01, p23);  // lane-interleaved: undo with a permutation
+  const __m256i ordered = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  return _mm256_and_si256(ordered, _mm256_set1_epi8(1));
+}
+
+template <ScoreKind K, bool KeepTies>
+KF_AVX2 int64_t mask_avx2(const float* a, const float* b, int64_t n, float threshold, bool* out) {
+  const __m256 thr = _mm256_set1_ps(threshold);
+  constexpr int kCmp = KeepTies ? _CMP_GE_OQ : _CMP_GT_OQ;
+  int64_t ties = 0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m256 s[4];
+    for (int q = 0; q < 4; ++q) s[q] = score8<K>(a + i + 8 * q, b + i + 8 * q);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        bytes_of(_mm256_cmp_ps(s[0], thr, kCmp), _mm256_cmp_ps(s[1], thr, kCmp),
+                                 _mm256_cmp_ps(s[2], thr, kCmp), _mm256_cmp_ps(s[3], thr, kCmp)));
+    if constexpr (!KeepTies) {
+      for (int q = 0; q < 4; ++q) {
+        ties += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(s[q], thr, _CMP_EQ_OQ))));
+      }
+    }
+  }
+  for (; i < n; ++i) {
+    const float s = score_of<K, float>(a[i], b[i]);
+    out[i] = KeepTies ? s >= threshold : s > threshold;
+    if constexpr (!KeepTies) ties += s == threshold;
+  }
+  return ties;
+}
+
+template <ScoreKind K>
+KF_AVX2 int64_t mask_kind(const float* a, const float* b, int64_t n, float threshold, bool keep_ties, bool* out) {
+  return keep_ties ? mask_avx2<K, true>(a, b, n, threshold, out) : mask_avx2<K, false>(a, b, n, threshold, out);
+}
+
+KF_AVX2 int64_t mask(ScoreKind kind, const float* a, const float* b, int64_t n, float threshold, bool keep_ties,
+                     bool* out) {
+  switch (kind) {
+    case ScoreKind::Value: return mask_kind<ScoreKind::Value>(a, b, n, threshold, keep_ties, out);
+    case ScoreKind::Abs: return mask_kind<ScoreKind::Abs>(a, b, n, threshold, keep_ties, out);
+    case ScoreKind::Product: return mask_kind<ScoreKind::Product>(a, b, n, threshold, keep_ties, out);
+    case ScoreKind::AbsProduct: return mask_kind<ScoreKind::AbsProduct>(a, b, n, threshold, keep_ties, out);
+    case ScoreKind::SquareTimesAbs: return mask_kind<ScoreKind::SquareTimesAbs>(a, b, n, threshold, keep_ties, out);
+  }
+  return 0;
+}
+
+bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt"); }
+
 }  // namespace
 
 FilterFn fast_filter() {
-  static const FilterFn fn = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt") ? &filter : nullptr;
+  static const FilterFn fn = has_avx2() ? &filter : nullptr;
+  return fn;
+}
+
+MaskFn fast_mask() {
+  static const MaskFn fn = has_avx2() ? &mask : nullptr;
   return fn;
 }
 
 #else
 
 FilterFn fast_filter() { return nullptr; }
+MaskFn fast_mask() { return nullptr; }
 
 #endif
 

@@ -1,5 +1,6 @@
-// The filtering pass of CPU selection (see select_cpu.cpp): over float32 scores, count those above
-// a range and copy those inside it, at close to the memory bandwidth.
+// The vector loops of CPU selection (see select_cpu.cpp) over float32 scores, at close to the
+// memory bandwidth: the filtering pass (count the scores above a range, copy those inside it) and
+// the mask pass (compare with the threshold, write bytes).
 //
 // A scan that histograms every element runs at about one element per nanosecond and core; one that
 // only compares and left-packs the few elements of a guessed range (AVX2 compares, a movemask and a
@@ -29,5 +30,14 @@ using FilterFn = void (*)(ScoreKind kind, const float* a, const float* b, int64_
 // The AVX2 filter where the CPU has AVX2, else null (callers then take the histogram path, which is
 // faster than a scalar filter).
 FilterFn fast_filter();
+
+// The mask pass's inner loop over n contiguous float32 elements: out[i] = score > threshold, or
+// score >= threshold if keep_ties; returns the number of scores equal to the threshold (counted only
+// if !keep_ties, else 0). 32 scores per step, 32-byte stores.
+using MaskFn = int64_t (*)(ScoreKind kind, const float* a, const float* b, int64_t n, float threshold, bool keep_ties,
+                           bool* out);
+
+// The AVX2 mask loop where the CPU has AVX2, else null (callers then take the compiler-vectorized loop).
+MaskFn fast_mask();
 
 }  // namespace koopfast

@@ -2,16 +2,24 @@
 //
 // select_threshold is a most-significant-digit radix select on order-preserving keys. A fresh
 // histogram pass touches a histogram bin per element and runs at ~1 element/ns/core, far from the
-// memory bandwidth. So, for large inputs, a small deterministic sample first guesses the bucket
-// (the leading key bits) holding the k-th largest; one speculative pass then counts the keys
-// above that bucket with vectorized compares and histograms only the few keys inside it. If the
-// guess holds (it fails only when the sample lies), the remaining key bits take at most one or
-// two more such filtering passes; if not, the plain radix select runs from scratch. Either way
-// the result is exact. Extra memory: per-thread histograms, the sample, one counter per chunk.
+// memory bandwidth. So, for inputs from 2^14 elements on, a small deterministic sample (runs of 16
+// consecutive scores in equal strata) first guesses a key range holding the k-th largest. For
+// float32 scores on a CPU with AVX2, one filtering pass (filter_pass.h, filter_cpu.cpp) then counts
+// the scores above that range and keeps those inside it (a few percent of the input), and the
+// target is selected among the kept scores alone, starting from the guessed range: one read of the
+// input, at the speed of a streaming sum. Elsewhere (float64, no AVX2) the speculative pass counts
+// the keys above the range and histograms only those inside it, and one or two more such passes
+// follow. If the guess misses (the sample lied) or the range holds too many scores to keep (ties),
+// the histogram passes go on from the counts of that pass. Either way the result is exact. Extra
+// memory: per-thread histograms, the sample, the kept scores (at most a quarter of the input's
+// elements, a few percent in practice), one counter per chunk.
 //
-// topk_mask writes score > threshold (or >=, when every tie is kept) in one pass; if only some
-// ties are kept, it counts ties per chunk, and a prefix over chunks hands each chunk its share of
-// the kept ties, in flat-index order.
+// select_threshold_per_tensor filters every sampled tensor in the same single pass, each against
+// its own range, and then selects each tensor among its own kept scores, a thread per tensor.
+//
+// topk_mask writes score > threshold (or >=, when every tie is kept) in one pass (32 scores per
+// AVX2 step for contiguous float32); if only some ties are kept, it counts ties per chunk, and a
+// prefix over chunks hands each chunk its share of the kept ties, in flat-index order.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -489,6 +497,7 @@ void mask_cpu(const SelectInputs& in, const MaskSegments<C>& seg, std::vector<at
   std::vector<int64_t> chunk_ties(any_partial ? chunks.size() : 0, 0);
   std::vector<bool*> out(masks.size());
   for (size_t i = 0; i < masks.size(); ++i) out[i] = masks[i].data_ptr<bool>();
+  const MaskFn fast = std::is_same_v<C, float> ? fast_mask() : nullptr;
 
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
@@ -498,20 +507,39 @@ void mask_cpu(const SelectInputs& in, const MaskSegments<C>& seg, std::vector<at
       const bool all_ties = keep_all_ties(s);
       bool* dst = out[ch.tensor];
       int64_t ties = 0;
-      for_each_score_of<C>(in.kind, in.a[ch.tensor], b_of(in, ch.tensor), ch.begin, ch.end,
-                           [&](const C* sc, int64_t m, int64_t flat) {
-                             bool* d = dst + flat;
-                             if (all_ties) {
-                               for (int64_t j = 0; j < m; ++j) d[j] = sc[j] >= thr;
-                             } else {
-                               uint32_t t = 0;
-                               for (int64_t j = 0; j < m; ++j) {
-                                 d[j] = sc[j] > thr;
-                                 t += sc[j] == thr;
+      const auto computed = [&](int64_t begin, int64_t end) {
+        for_each_score_of<C>(in.kind, in.a[ch.tensor], b_of(in, ch.tensor), begin, end,
+                             [&](const C* sc, int64_t m, int64_t flat) {
+                               bool* d = dst + flat;
+                               if (all_ties) {
+                                 for (int64_t j = 0; j < m; ++j) d[j] = sc[j] >= thr;
+                               } else {
+                                 uint32_t t = 0;
+                                 for (int64_t j = 0; j < m; ++j) {
+                                   d[j] = sc[j] > thr;
+                                   t += sc[j] == thr;
+                                 }
+                                 ties += t;
                                }
-                               ties += t;
-                             }
-                           });
+                             });
+      };
+      const TensorView& a = in.a[ch.tensor];
+      const TensorView* b = b_of(in, ch.tensor);
+      if (fast != nullptr && a.dtype == DType::Float32 && (b == nullptr || b->dtype == DType::Float32)) {
+        // Contiguous float32 runs straight through the vector loop (C is float: scores are not wide).
+        const float* pa = static_cast<const float*>(a.data);
+        const float* pb = b ? static_cast<const float*>(b->data) : pa;
+        for_each_pair_run(a, b, ch.begin, ch.end,
+                          [&](int64_t oa, int64_t sa, int64_t ob, int64_t sb, int64_t n, int64_t flat) {
+                            if (sa == 1 && sb == 1) {
+                              ties += fast(in.kind, pa + oa, pb + ob, n, static_cast<float>(thr), all_ties, dst + flat);
+                            } else {
+                              computed(flat, flat + n);
+                            }
+                          });
+      } else {
+        computed(ch.begin, ch.end);
+      }
       if (!all_ties) chunk_ties[c] = ties;
     }
   });

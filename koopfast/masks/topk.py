@@ -55,7 +55,8 @@ def global_topk(
     exactly ``keep``, if given instead of ``sparsity``). Ties at the threshold are resolved by
     position: the first tensor in order, then the lowest flat index, wins; the result is the
     same on any device and thread count. No concatenated copy is made: extra memory is a few
-    histograms and one counter per 64K-element chunk.
+    histograms, one counter per 64K-element chunk and, on CPU, the float32 scores of a sampled
+    range (about 3 % of the entries at 10^8, never more than a quarter of them).
 
     Args:
         scores: ``dict[name, Tensor]`` or list of tensors (any shapes, float dtypes, one device);
