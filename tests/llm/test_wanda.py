@@ -136,3 +136,24 @@ def test_bad_inputs_raise_naming_the_function():
         kf.criteria.wanda(model, [torch.full((2, 7), float("nan"))])
     only = kf.criteria.wanda(model, [torch.randn(2, 7)], params=["2.weight"])
     assert list(only) == ["2.weight"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masks_equal_a_stable_descending_sort_per_unit_with_many_ties(dtype):
+    """Per-unit masks come from one per-tensor selection over all units: the same as the paper's
+    stable sort per output row and a scatter, ties included, for row and column units alike."""
+    g = torch.Generator().manual_seed(0)
+    scores = {
+        "rows": (torch.randint(0, 5, (300, 70), generator=g) / 4).to(dtype),  # 5 distinct values: ties
+        "columns": torch.rand(40, 130, generator=g).to(dtype),  # Conv1D [in, out]: a unit is a column
+        "one": torch.rand(1, 9, generator=g).to(dtype),
+    }
+    ws = kf.criteria.WandaScores(scores, unit_dims={"columns": 1})
+    for sparsity in (0.0, 0.3, 0.5, 0.99):
+        masks = ws.masks(sparsity)
+        for name, s in scores.items():
+            units = s.movedim(ws.unit_dims.get(name, 0), 0)
+            keep = kf.masks.keep_count(units.shape[1], sparsity)
+            order = torch.sort(units, dim=1, descending=True, stable=True).indices[:, :keep]
+            expected = torch.zeros_like(units, dtype=torch.bool).scatter_(1, order, True)
+            assert torch.equal(masks[name].movedim(ws.unit_dims.get(name, 0), 0), expected), (name, sparsity)
