@@ -262,24 +262,29 @@ class CpuSelect {
   }
 
   // Whether a sample is worth taking for the k-th largest of these inputs.
-  bool worth_sampling(int64_t k) const {
-    return in_.total >= kSampleMinInput && sample_fraction(k) <= kMaxSampledFraction;
+  bool worth_sampling(int64_t k) const { return worth_sampling(in_.total, k); }
+
+  // The same for the k-th largest of n scores, before any input is prepared.
+  static bool worth_sampling(int64_t n, int64_t k) {
+    return n >= kSampleMinInput && sample_fraction(n, k) <= kMaxSampledFraction;
   }
 
-  int64_t sample_size() const { return std::min(kSampleSize, in_.total / kSampleStride) / kSampleRun * kSampleRun; }
+  static int64_t sample_size(int64_t n) { return std::min(kSampleSize, n / kSampleStride) / kSampleRun * kSampleRun; }
 
   // Half the width, in sample ranks, of the sampled range around the target rank.
-  double sample_delta(int64_t k) const {
-    const double q = static_cast<double>(k) / static_cast<double>(in_.total);
-    return 4.0 * std::sqrt(static_cast<double>(sample_size()) * q * (1.0 - q)) + 4.0;
+  static double sample_delta(int64_t n, int64_t k) {
+    const double q = static_cast<double>(k) / static_cast<double>(n);
+    return 4.0 * std::sqrt(static_cast<double>(sample_size(n)) * q * (1.0 - q)) + 4.0;
   }
 
   // The fraction of the input expected inside the sampled range.
-  double sample_fraction(int64_t k) const { return (2.0 * sample_delta(k) + 1.0) / static_cast<double>(sample_size()); }
+  static double sample_fraction(int64_t n, int64_t k) {
+    return (2.0 * sample_delta(n, k) + 1.0) / static_cast<double>(sample_size(n));
+  }
 
   RangeState<K> sample_guess(int64_t k) const {
     const int64_t n = in_.total;
-    const int64_t m = sample_size();
+    const int64_t m = sample_size(n);
     // Runs of kSampleRun consecutive scores, one at a random place in each of m / kSampleRun equal
     // strata: a cache line serves a whole run (these reads are latency-bound).
     const int64_t runs = m / kSampleRun;
@@ -309,7 +314,7 @@ class CpuSelect {
       }
     });
     const double p = static_cast<double>(k) / static_cast<double>(n) * static_cast<double>(m);
-    const double delta = sample_delta(k);
+    const double delta = sample_delta(n, k);
     // Two order statistics (descending) by partial selection: a full sort of the sample costs
     // more than filtering a small tensor.
     const auto at_rank = [&](double x, size_t from) {
@@ -414,18 +419,17 @@ std::vector<char> select_per_tensor_filtered(const SelectInputs& in, const std::
   const size_t n = in.a.size();
   std::vector<char> done(n, 0);
   std::vector<size_t> sampled;
-  std::vector<SelectInputs> singles(n);
   for (size_t t = 0; t < n; ++t) {
-    singles[t] = one_tensor(in, t);
-    if (k[t] >= 1 && CpuSelect<float>(singles[t]).worth_sampling(k[t])) sampled.push_back(t);
+    if (k[t] >= 1 && CpuSelect<float>::worth_sampling(in.a[t].numel, k[t])) sampled.push_back(t);
   }
   if (sampled.empty()) return done;
   std::vector<RangeState<K>> guesses(sampled.size());
   std::vector<FilterSegment> segments(sampled.size());
   std::vector<int64_t> segment_of(n, -1);
   const int64_t count = static_cast<int64_t>(sampled.size());
-  parallel_weighted(count, [&](int64_t i) { return CpuSelect<float>(singles[sampled[i]]).sample_size(); }, [&](int64_t i) {
-    const CpuSelect<float> one(singles[sampled[i]]);
+  parallel_weighted(count, [&](int64_t i) { return CpuSelect<float>::sample_size(in.a[sampled[i]].numel); }, [&](int64_t i) {
+    const SelectInputs single = one_tensor(in, sampled[i]);
+    const CpuSelect<float> one(single);
     guesses[i] = one.sample_guess(k[sampled[i]]);
     segments[i] = one.filter_segment(guesses[i]);
   });
